@@ -1,0 +1,120 @@
+"""Output-directory policy, complete-checkpoint lookup and atomic file writes.
+
+Nothing a user made is ever overwritten without ``--overwrite``, and only checkpoints that finished
+writing (marked complete) are ever resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from phi3tune.errors import UsageError
+
+COMPLETE_MARKER = "phi3tune_complete.json"
+CHECKPOINTS_DIR = "checkpoints"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def prepare_output_dir(
+    output_dir: Path | None, *, resume: bool, overwrite: bool, config_path: Path | None = None
+) -> Path:
+    """Validate and create the run's output directory according to DESIGN.md §3.
+
+    Refuses the current directory, the home directory, the config's own directory, a file, and any
+    non-empty directory unless ``resume`` or ``overwrite`` is given.
+    """
+    if output_dir is None:
+        raise UsageError(
+            "no output directory: set training_config.output_dir or pass --output-dir.",
+            hint="e.g. phi3tune train CONFIG --output-dir runs/my-run",
+        )
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pick one.")
+    path = Path(output_dir).expanduser().resolve()
+    forbidden = {Path.cwd().resolve(): "the current directory", Path.home().resolve(): "your home directory",
+                 Path(path.anchor): "the filesystem root"}
+    if config_path is not None:
+        forbidden[Path(config_path).resolve().parent] = "the config file's own directory"
+    if path in forbidden:
+        raise UsageError(
+            f"output directory {path} is {forbidden[path]}; phi3tune will not write a run there.",
+            hint="choose a dedicated folder, e.g. --output-dir runs/my-run",
+        )
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output directory {path} is a file.", hint="choose another --output-dir.")
+    if path.is_dir() and any(path.iterdir()):
+        if overwrite:
+            shutil.rmtree(path)
+        elif not resume:
+            raise UsageError(
+                f"output directory {path} is not empty.",
+                hint="pass --resume to continue its newest complete checkpoint, --overwrite to replace it, "
+                "or choose another --output-dir.",
+            )
+    elif resume:
+        raise UsageError(f"--resume: {path} holds no run to resume.", hint="drop --resume to start a new run.")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def mark_complete(checkpoint_dir: Path, step: int) -> None:
+    """Write the completeness marker last, after every other file of the checkpoint is flushed."""
+    atomic_write_text(checkpoint_dir / COMPLETE_MARKER, json.dumps({"step": step}))
+
+
+def is_complete(checkpoint_dir: Path) -> bool:
+    return (checkpoint_dir / COMPLETE_MARKER).is_file()
+
+
+def complete_checkpoints(checkpoints_root: Path) -> list[Path]:
+    """Complete checkpoints under ``checkpoints_root``, oldest first."""
+    if not checkpoints_root.is_dir():
+        return []
+    found = []
+    for child in checkpoints_root.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir() and is_complete(child):
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_complete_checkpoint(checkpoints_root: Path) -> Path | None:
+    found = complete_checkpoints(checkpoints_root)
+    return found[-1] if found else None
+
+
+def remove_incomplete_checkpoints(checkpoints_root: Path) -> list[Path]:
+    """Delete half-written checkpoints (no marker, or temp dirs); return what was removed."""
+    removed = []
+    if not checkpoints_root.is_dir():
+        return removed
+    for child in checkpoints_root.iterdir():
+        if child.is_dir() and (child.name.startswith(".tmp-") or (_CHECKPOINT_RE.match(child.name) and not is_complete(child))):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a flushed temp file and a rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

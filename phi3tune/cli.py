@@ -1,0 +1,166 @@
+"""The phi3tune command line: thin commands that map verbs to functions, and errors to exit codes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, List, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from phi3tune.errors import Phi3TuneError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune Microsoft Phi-3 Mini with LoRA or QLoRA from one YAML file.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate training data.")
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+T = TypeVar("T")
+
+
+def _debug() -> bool:
+    return os.environ.get("PHI3TUNE_DEBUG", "") not in ("", "0", "false")
+
+
+def _fail(exc: Phi3TuneError) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+    if exc.hint:
+        console.print(f"[yellow]hint:[/] {exc.hint}", highlight=False)
+    return typer.Exit(exc.exit_code)
+
+
+def _run(action: Callable[[], T]) -> T:
+    """Run a command body: user errors become one message and their exit code; no traceback unless --debug."""
+    import logging
+
+    from phi3tune.resources import translate_resource_error
+
+    logging.basicConfig(level=logging.DEBUG if _debug() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return action()
+    except Phi3TuneError as exc:
+        raise _fail(exc)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted")
+        raise typer.Exit(130)
+    except (typer.Exit, SystemExit):
+        raise
+    except Exception as exc:  # the last line of defence: exit 1, traceback only on request
+        translated = translate_resource_error(exc)
+        if translated is not None:
+            raise _fail(translated)
+        if _debug():
+            console.print_exception()
+        else:
+            console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}", highlight=False)
+            console.print("rerun with --debug (or PHI3TUNE_DEBUG=1) for the traceback.")
+        raise typer.Exit(1)
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for internal errors.")) -> None:
+    if debug:
+        os.environ["PHI3TUNE_DEBUG"] = "1"
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="The run's YAML file (model, data, training_config, peft_config)."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Overrides training_config.output_dir."),
+    set_: List[str] = typer.Option([], "--set", help="Override a key: --set training_config.max_steps=5 (YAML value)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan without loading weights."),
+) -> None:
+    """Fine-tune Phi-3 with LoRA/QLoRA as the config says."""
+    from phi3tune.config import load_config
+
+    def body() -> None:
+        cfg = load_config(config, set_, output_dir=output_dir)
+        for warning in cfg.warnings:
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        if dry_run:
+            from phi3tune.plan import print_plan
+
+            print_plan(cfg, console)
+            return
+        from phi3tune.resources import oom_guard
+        from phi3tune.summary import print_train_summary
+        from phi3tune.train import run_training
+
+        with oom_guard(cfg):
+            summary = run_training(cfg, resume=resume, overwrite=overwrite, console=console)
+        print_train_summary(summary, console)
+
+    _run(body)
+
+
+@app.command("eval")
+def eval_(
+    run_or_adapter: Path = typer.Argument(..., help="A run's output dir (its adapter/ is used) or an adapter dir."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Config whose data.eval to use (default: the run's)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this data file instead."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Evaluate at most N samples."),
+    compare_base: bool = typer.Option(False, "--compare-base", help="Also evaluate the base model, side by side."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Metrics JSON (default: RUN/eval_metrics.json)."),
+) -> None:
+    """Eval loss, perplexity and token accuracy on assistant tokens, plus sample generations."""
+    from phi3tune.evaluate import run_eval
+
+    _run(lambda: run_eval(run_or_adapter, config=config, data=data, max_samples=max_samples,
+                          compare_base=compare_base, output=output, console=console))
+
+
+@app.command("merge-adapter")
+def merge_adapter(
+    adapter_dir: Path = typer.Argument(..., help="An adapter dir or a run's output dir."),
+    output_dir: Path = typer.Argument(..., help="Where to write the merged model (must not exist or be empty)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check merged logits equal base + adapter."),
+) -> None:
+    """Merge a LoRA adapter into its base and save a model plain transformers loads."""
+    from phi3tune.merge import merge_and_save
+
+    _run(lambda: merge_and_save(adapter_dir, output_dir, verify=verify, console=console))
+
+
+@app.command()
+def chat(
+    target: str = typer.Argument(..., help="A run dir, an adapter dir, a merged model dir or a hub id."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One-shot: answer this and exit."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+) -> None:
+    """Talk to a fine-tuned model (streaming, stops at <|end|>)."""
+    from phi3tune.chat import run_chat
+
+    _run(lambda: run_chat(target, prompt=prompt, system=system, max_new_tokens=max_new_tokens, console=console))
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run's output directory (finished or interrupted).")) -> None:
+    """Regenerate train_report.png and print a short summary of a run."""
+    from phi3tune.report import run_report
+
+    _run(lambda: run_report(run_dir, console=console))
+
+
+@data_app.command("check")
+def data_check(
+    target: Path = typer.Argument(..., help="A config YAML (its data.train/eval) or a data file."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key."),
+) -> None:
+    """Validate every row, show length statistics and render samples with the trained tokens highlighted."""
+    from phi3tune.data_check import check_target
+
+    code = _run(lambda: check_target(target, set_, console=console))
+    raise typer.Exit(code or 0)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,62 @@
+"""Resource failures (GPU out of memory, missing GPU) turned into exit 3 with hints from the active config."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from phi3tune.errors import ResourceError
+
+
+def oom_hints(cfg: Any) -> list[str]:
+    """Concrete next steps for an out-of-memory run, naming the values the config has now."""
+    tc = cfg.training_config
+    batch = int(tc.get("per_device_train_batch_size", 8))
+    accum = int(tc.get("gradient_accumulation_steps", 1))
+    max_length = tc.get("max_length", 1024)
+    hints = []
+    if batch > 1:
+        hints.append(
+            f"halve the micro-batch and keep the effective batch: --set training_config.per_device_train_batch_size="
+            f"{max(1, batch // 2)} --set training_config.gradient_accumulation_steps={accum * 2} (now {batch} x {accum})"
+        )
+    if max_length and int(max_length) > 512:
+        hints.append(f"shorten sequences: --set training_config.max_length={int(max_length) // 2} (now {max_length})")
+    checkpointing = tc.get("gradient_checkpointing", tc.get("activation_checkpointing"))
+    if not checkpointing:
+        key = "gradient_checkpointing" if "activation_checkpointing" not in tc else "activation_checkpointing"
+        hints.append(f"recompute activations: --set training_config.{key}=true (now off)")
+    if not cfg.model.quantization:
+        hints.append("load the base in 4 bits (QLoRA): --set model.quantization=4bit (now off)")
+    return hints
+
+
+def out_of_memory_error(cfg: Any | None, detail: str = "") -> ResourceError:
+    hints = oom_hints(cfg) if cfg is not None else []
+    text = "the GPU ran out of memory" + (f" ({detail.splitlines()[0][:160]})" if detail else "") + "."
+    if hints:
+        text += "\n  try one of:\n" + "\n".join(f"    - {h}" for h in hints)
+    return ResourceError(text, hint="a complete checkpoint, if one was saved, resumes with --resume.")
+
+
+def translate_resource_error(exc: BaseException, cfg: Any | None = None) -> ResourceError | None:
+    """Map library exceptions that mean "not enough machine" to a ResourceError; None for anything else."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc):
+        return out_of_memory_error(cfg, str(exc))
+    return None
+
+
+@contextmanager
+def oom_guard(cfg: Any) -> Iterator[None]:
+    """Re-raise CUDA OOM as exit 3 with hints built from ``cfg``."""
+    try:
+        yield
+    except ResourceError:
+        raise
+    except Exception as exc:
+        translated = translate_resource_error(exc, cfg)
+        if translated is None:
+            raise
+        raise translated from exc

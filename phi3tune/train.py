@@ -1,0 +1,255 @@
+"""The training recipe, top to bottom.
+
+    output dir -> seed -> tokenizer -> LoRA targets (checked before weights load) -> data ->
+    model -> SFTTrainer -> train (or resume) -> adapter -> eval metrics -> report -> summary
+
+Features: LoRA and QLoRA (nf4) through peft, trl's SFTTrainer as the loop, pre-tokenised Phi-3 chat data
+with assistant-only labels, atomic resumable checkpoints, metrics.jsonl, run_config.yaml.
+Limits: one process (multi-GPU launch through accelerate is not wired yet); random_init runs are for
+demos and tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+
+from phi3tune import modeling
+from phi3tune.callbacks import MetricsFileCallback, ProgressCallback
+from phi3tune.checkpoints import (
+    CHECKPOINTS_DIR,
+    atomic_write_json,
+    atomic_write_text,
+    latest_complete_checkpoint,
+    prepare_output_dir,
+    remove_incomplete_checkpoints,
+)
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+BASE_MODEL_DIR = "base_model"
+
+
+@dataclass
+class TrainSummary:
+    """What the user sees at the end of a run."""
+
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    first_loss: float | None
+    final_loss: float | None
+    eval_metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    tokens_per_second: float | None = None
+
+
+def _library_versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import peft
+    import transformers
+    import trl
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+    }
+
+
+def resolve_attention(requested: str, device: str) -> str:
+    """The attention implementation to load the model with (``auto`` = fastest really available)."""
+    try:
+        from phi3tune.speed import resolve_attn_implementation
+    except ImportError:
+        resolve_attn_implementation = None
+    if resolve_attn_implementation is not None:
+        return resolve_attn_implementation(requested, device)
+    if requested != "auto":
+        return requested
+    return "sdpa"
+
+
+def build_training_args(cfg, output_dir: Path, device: str, dtype: torch.dtype) -> tuple[dict[str, Any], list[str]]:
+    """SFTConfig keyword arguments: the user's training_config, adjusted to the device and phi3tune's layout."""
+    from phi3tune.config import finalize_training_args
+
+    args = finalize_training_args(dict(cfg.training_config), device_type=device, model_dtype=dtype)
+    notes: list[str] = []
+    try:
+        from phi3tune.speed import apply_fast_path
+    except ImportError:
+        apply_fast_path = None
+    if apply_fast_path is not None:
+        args, notes = apply_fast_path(cfg.model, args, device)
+    args["output_dir"] = str(output_dir / CHECKPOINTS_DIR)
+    args.setdefault("report_to", "none")
+    args["disable_tqdm"] = True  # our ProgressCallback replaces tqdm
+    args.setdefault("logging_steps", 10)
+    # The data arrive tokenised with labels (input_ids + labels), so trl only truncates/packs them.
+    args.pop("assistant_only_loss", None)
+    args.pop("dataset_text_field", None)
+    return args, notes
+
+
+def write_run_config(cfg, output_dir: Path, *, device: str, attn: str, dtype: torch.dtype, data_info: dict) -> None:
+    """run_config.yaml: the resolved config (secrets redacted), library versions, device, data fingerprint."""
+    resolved = cfg.to_dict(redact_secrets=True)
+    resolved["resolved"] = {
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "dtype": str(dtype).replace("torch.", ""),
+        "attn_implementation": attn,
+        "output_dir": str(output_dir),
+    }
+    resolved["versions"] = _library_versions()
+    resolved["data"] = data_info
+    atomic_write_text(output_dir / "run_config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+
+
+def save_adapter(trainer, tokenizer, adapter_dir: Path, base_model_path: str | None) -> None:
+    """Adapter (safetensors), tokenizer with chat template, and a generation config stopping at <|end|>."""
+    model = trainer.model
+    if base_model_path is not None:
+        for peft_cfg in model.peft_config.values():
+            peft_cfg.base_model_name_or_path = base_model_path
+    model.save_pretrained(adapter_dir, safe_serialization=True)
+    tokenizer.save_pretrained(adapter_dir)
+    modeling.phi3_generation_config(model.config).save_pretrained(adapter_dir)
+
+
+def _loss_range(metrics_path: Path) -> tuple[float | None, float | None, float | None]:
+    """First and last training loss, and the median tokens/s, read back from metrics.jsonl."""
+    losses, rates = [], []
+    if metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("loss") is not None:
+                losses.append(row["loss"])
+            if row.get("tokens_per_second"):
+                rates.append(row["tokens_per_second"])
+    rate = sorted(rates)[len(rates) // 2] if rates else None
+    return (losses[0] if losses else None, losses[-1] if losses else None, rate)
+
+
+def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> TrainSummary:
+    """Train a LoRA/QLoRA adapter as described by ``cfg`` (a validated RunConfig)."""
+    from transformers import set_seed
+    from trl import SFTConfig
+
+    from phi3tune.data import prepare_datasets
+    from phi3tune.trainer import Phi3Trainer
+
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+
+    # 1. Output directory: refuse to clobber anything, find the checkpoint to resume.
+    output_dir = prepare_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite, config_path=cfg.source)
+    checkpoints_root = output_dir / CHECKPOINTS_DIR
+    resume_from = None
+    if resume:
+        for path in remove_incomplete_checkpoints(checkpoints_root):
+            console.print(f"[yellow]removed incomplete checkpoint {path.name}")
+        resume_from = latest_complete_checkpoint(checkpoints_root)
+        console.print(f"resuming from {resume_from}" if resume_from else "[yellow]no complete checkpoint: starting over")
+
+    # 2. Device, dtype, attention, seed.
+    device = modeling.device_type()
+    dtype = modeling.resolve_dtype(cfg.model.dtype, device, cfg.model.quantization)
+    attn = resolve_attention(cfg.model.attn_implementation, device)
+    seed = int(cfg.training_config.get("seed", 42))
+    set_seed(seed)
+
+    # 3. Tokenizer and LoRA targets, checked against the real module names before any weights load.
+    tokenizer = modeling.load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.token)
+    model_config = modeling.load_model_config(cfg.model)
+    lora_config = modeling.build_lora_config(cfg.peft_config, modeling.leaf_module_names(model_config))
+
+    # 4. Data: validated, rendered with the Phi-3 template, assistant-only labels.
+    args_dict, speed_notes = build_training_args(cfg, output_dir, device, dtype)
+    max_length = int(args_dict.get("max_length") or 1024)
+    data = prepare_datasets(cfg.data, tokenizer, max_length=max_length, seed=seed, base_dir=cfg.base_dir)
+    for line in data.report.summary_lines():
+        console.print(line)
+
+    # 5. Model.
+    console.print(f"model {cfg.model.name_or_path} on {device}, {str(dtype).replace('torch.', '')}, attention {attn}")
+    for note in speed_notes:
+        console.print(note)
+    model = modeling.load_model(cfg.model, dtype=dtype, attn_implementation=attn, device=device, seed=seed)
+    base_model_path = None
+    if cfg.model.random_init is not None:
+        base_dir = output_dir / BASE_MODEL_DIR
+        if not (base_dir / "config.json").is_file():
+            modeling.save_base_model(model, tokenizer, base_dir)
+        base_model_path = str(base_dir)
+    if cfg.model.quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(args_dict.get("gradient_checkpointing"))
+        )
+
+    # 6. The loop: trl's SFTTrainer with our checkpointing, metrics file and progress display.
+    write_run_config(cfg, output_dir, device=device, attn=attn, dtype=dtype, data_info=data.report.to_dict())
+    metrics_path = output_dir / "metrics.jsonl"
+    trainer = Phi3Trainer(
+        model=model,
+        args=SFTConfig(**args_dict),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=lora_config,
+        callbacks=[MetricsFileCallback(metrics_path), ProgressCallback(console)],
+    )
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    console.print(f"trainable LoRA parameters: {trainable:,}")
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    # 7. Adapter, eval metrics, report.
+    adapter_dir = output_dir / ADAPTER_DIR
+    save_adapter(trainer, tokenizer, adapter_dir, base_model_path)
+    eval_metrics: dict[str, Any] = {}
+    if data.eval is not None:
+        raw = trainer.evaluate()
+        loss = raw.get("eval_loss")
+        eval_metrics = {
+            "eval_loss": loss,
+            "perplexity": math.exp(loss) if loss is not None and loss < 50 else None,
+            "token_accuracy": raw.get("eval_mean_token_accuracy"),
+            "n_samples": len(data.eval),
+            "n_tokens": int(sum(sum(1 for t in row if t != -100) for row in data.eval["labels"])),
+        }
+        atomic_write_json(output_dir / "eval_metrics.json", eval_metrics)
+    try:
+        from phi3tune.report import write_report
+    except ImportError:
+        write_report = None
+    if write_report is not None:
+        write_report(output_dir)
+
+    first, last, rate = _loss_range(metrics_path)
+    return TrainSummary(
+        output_dir=output_dir,
+        adapter_dir=adapter_dir,
+        steps=trainer.state.global_step,
+        first_loss=first,
+        final_loss=last,
+        eval_metrics=eval_metrics,
+        seconds=time.perf_counter() - started,
+        tokens_per_second=rate,
+    )
