@@ -60,7 +60,8 @@ def _fast_batch(
 ) -> list[tuple[list[int], list[int]]]:
     """Tokenise every turn of every conversation in one tokenizer call and stitch them together."""
     texts = [_piece_text(m["role"], m["content"]) for conv in conversations for m in conv]
-    pieces = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    # verbose=False: long rows are expected here; the length policy is applied by the caller.
+    pieces = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     eos = _end_ids(tokenizer)
     results: list[tuple[list[int], list[int]]] = []
     k = 0
@@ -177,7 +178,7 @@ def render_prompt_ids_fast(tokenizer: Any, messages: list[dict]) -> list[int]:
     """Segment-wise prompt rendering (no probe check); prefer :func:`render_prompt`."""
     texts = [_piece_text(m["role"], m["content"]) for m in messages] + ["<|assistant|>\n"]
     ids: list[int] = []
-    for piece in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    for piece in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         ids.extend(piece)
     return ids
 

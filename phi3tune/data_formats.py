@@ -1,0 +1,219 @@
+"""Format detection and normalisation of raw rows to ``{"messages": [{"role", "content"}, ...]}``.
+
+Supported formats:
+
+- ``messages``: OpenAI chat, ``{"messages": [{"role": ..., "content": ...}]}``.
+- ``sharegpt``: ``{"conversations": [{"from": ..., "value": ...}]}`` (also under ``messages``), with an
+  optional ``system`` string and ``tools`` field. ``human``/``user`` → user, ``gpt``/``assistant`` →
+  assistant, ``system`` → system. Tool turns keep the Phi-3 roles and the user/assistant
+  alternation: ``function_call`` becomes an assistant turn holding the call verbatim (the model learns
+  to emit it), ``observation``/``tool``/``function`` becomes a user turn prefixed with
+  ``TOOL_RESULT_PREFIX`` (context, not trained). A non-empty ``tools`` field is appended to the system
+  turn (created if absent) after ``TOOLS_HEADER``, so the calls the model learns are grounded in the
+  function schemas it was shown.
+- ``alpaca``: ``instruction`` / optional ``input`` / ``output`` / optional ``system``; the user turn is
+  the instruction, then a blank line and the input when there is one.
+- ``prompt_completion``: ``prompt``/``completion`` strings (user/assistant turns), or conversational
+  lists of messages (prompt turns, then completion turns).
+
+Normalisation never fails on junk: it carries odd values through (``None`` content, unknown roles)
+so that validation can report them with row numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from phi3tune.errors import DataError
+
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+TOOL_RESULT_PREFIX = "Tool result:\n"
+TOOLS_HEADER = "You can call these functions; reply with a JSON object naming the function and its arguments:\n"
+
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "user", "tool": "user", "function": "user",
+}  # fmt: skip
+_TOOL_RESULT_SOURCES = {"observation", "tool", "function"}
+_DETECT_SAMPLE = 50
+
+
+def _format_of(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return None
+    for key in ("messages", "conversations"):
+        turns = row.get(key)
+        if isinstance(turns, str) and turns.lstrip().startswith("["):  # a JSON column in CSV/Parquet
+            try:
+                turns = json.loads(turns)
+            except json.JSONDecodeError:
+                pass
+        if isinstance(turns, list):
+            first = next((t for t in turns if isinstance(t, dict)), {})
+            if "from" in first or "value" in first or key == "conversations" and "role" not in first:
+                return "sharegpt"
+            return "messages"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    return None
+
+
+def detect_format(rows: Sequence[Any], source: str = "data") -> str:
+    """Detect a source's format from its first rows.
+
+    Args:
+        rows: Raw rows.
+        source: Name used in the error message.
+
+    Returns:
+        One of ``FORMATS``.
+
+    Raises:
+        DataError: No row looks like a known format, or rows disagree.
+    """
+    seen: dict[str, int] = {}
+    keys: set[str] = set()
+    for i, row in enumerate(rows):
+        if i >= _DETECT_SAMPLE:
+            break
+        fmt = _format_of(row)
+        if fmt:
+            seen[fmt] = seen.get(fmt, 0) + 1
+        elif isinstance(row, dict):
+            keys.update(row)
+    if not seen:
+        found = ", ".join(sorted(keys)[:12]) or "(no JSON objects)"
+        raise DataError(
+            f"{source}: cannot tell the data format; fields found: {found}",
+            hint="rows need 'messages' (role/content), 'conversations' (from/value), "
+            "'instruction'+'output' (Alpaca) or 'prompt'+'completion'; or set data.format",
+        )
+    # The majority wins; stray rows of another shape are then reported by validation.
+    return max(seen, key=seen.__getitem__)
+
+
+def _as_list(value: Any) -> Any:
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _turn(role: Any, content: Any) -> dict[str, Any]:
+    return {"role": role, "content": content}
+
+
+def _from_messages(row: dict) -> list | None:
+    turns = _as_list(row.get("messages"))
+    if not isinstance(turns, list):
+        return None
+    return [_turn(t.get("role"), t.get("content")) if isinstance(t, dict) else t for t in turns]
+
+
+def _tools_text(tools: Any) -> str | None:
+    if tools in (None, "", [], {}):
+        return None
+    text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+    return TOOLS_HEADER + text
+
+
+def _from_sharegpt(row: dict) -> list | None:
+    turns = _as_list(row.get("conversations", row.get("messages")))
+    if not isinstance(turns, list):
+        return None
+    out: list = []
+    if isinstance(row.get("system"), str) and row["system"].strip():
+        out.append(_turn("system", row["system"]))
+    for t in turns:
+        if not isinstance(t, dict):
+            out.append(t)
+            continue
+        source = t.get("from", t.get("role"))
+        value = t.get("value", t.get("content"))
+        role = SHAREGPT_ROLES.get(source.lower() if isinstance(source, str) else source, source)
+        if source in _TOOL_RESULT_SOURCES and isinstance(value, str):
+            value = TOOL_RESULT_PREFIX + value
+        out.append(_turn(role, value))
+    tools = _tools_text(row.get("tools"))
+    if tools:
+        if out and isinstance(out[0], dict) and out[0]["role"] == "system" and isinstance(out[0]["content"], str):
+            out[0] = _turn("system", out[0]["content"].rstrip() + "\n\n" + tools)
+        else:
+            out.insert(0, _turn("system", tools))
+    return out
+
+
+def _from_alpaca(row: dict) -> list:
+    instruction, extra = row.get("instruction"), row.get("input")
+    user = instruction
+    if isinstance(instruction, str) and isinstance(extra, str) and extra.strip():
+        user = f"{instruction}\n\n{extra}"
+    out = [_turn("user", user), _turn("assistant", row.get("output"))]
+    if isinstance(row.get("system"), str) and row["system"].strip():
+        out.insert(0, _turn("system", row["system"]))
+    return out
+
+
+def _from_prompt_completion(row: dict) -> list:
+    prompt, completion = _as_list(row.get("prompt")), _as_list(row.get("completion"))
+    out: list = []
+    for value, role in ((prompt, "user"), (completion, "assistant")):
+        if isinstance(value, list):  # conversational prompt/completion
+            out.extend(_turn(t.get("role"), t.get("content")) if isinstance(t, dict) else t for t in value)
+        else:
+            out.append(_turn(role, value))
+    return out
+
+
+_NORMALISERS = {
+    "messages": _from_messages,
+    "sharegpt": _from_sharegpt,
+    "alpaca": _from_alpaca,
+    "prompt_completion": _from_prompt_completion,
+}
+
+
+def normalise_row(row: Any, fmt: str, system_prompt: str | None = None) -> list | None:
+    """Normalise one raw row to a message list (``None`` when it holds no message list at all).
+
+    Args:
+        row: The raw row.
+        fmt: One of ``FORMATS``.
+        system_prompt: Default system turn, added when the row has none.
+
+    Returns:
+        The list of ``{"role", "content"}`` turns, unvalidated, or None.
+    """
+    if not isinstance(row, dict):
+        return None
+    messages = _NORMALISERS[fmt](row)
+    if system_prompt and isinstance(messages, list) and messages:
+        first = messages[0]
+        if not (isinstance(first, dict) and first.get("role") == "system"):
+            messages.insert(0, _turn("system", system_prompt))
+    return messages
+
+
+def normalise_rows(rows: Iterable[Any], fmt: str, system_prompt: str | None = None) -> list[list | None]:
+    """Normalise every row of a source (see :func:`normalise_row`).
+
+    Args:
+        rows: Raw rows.
+        fmt: One of ``FORMATS``.
+        system_prompt: Default system turn for rows without one.
+
+    Returns:
+        One message list (or None) per row, in order.
+    """
+    if fmt not in _NORMALISERS:
+        raise DataError(f"unknown data format {fmt!r}", hint=f"data.format must be auto or one of {', '.join(FORMATS)}")
+    return [normalise_row(row, fmt, system_prompt) for row in rows]
