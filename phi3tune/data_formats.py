@@ -120,7 +120,9 @@ def _from_messages(row: dict) -> list | None:
 
 
 def _tools_text(tools: Any) -> str | None:
-    if tools in (None, "", [], {}):
+    # Exports often store tools as a JSON string, "[]" when a row has none.
+    parsed = _as_list(tools) if isinstance(tools, str) else tools
+    if parsed in (None, "", [], {}) or (isinstance(tools, str) and not tools.strip()):
         return None
     text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
     return TOOLS_HEADER + text
