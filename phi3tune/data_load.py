@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from importlib import resources
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from phi3tune.errors import DataError, ResourceError
 
+PKG_SCHEME = "pkg://"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -39,6 +41,8 @@ class LoadedRows:
 def resolve_path(path: str | Path, base_dir: Path | None) -> Path:
     """Find a data file relative to the config's directory first, then the current directory.
 
+    ``pkg://PACKAGE/REL/PATH`` names a file shipped inside an installed package.
+
     Args:
         path: The path as written in the config.
         base_dir: The config file's directory, or None.
@@ -49,7 +53,15 @@ def resolve_path(path: str | Path, base_dir: Path | None) -> Path:
     Raises:
         DataError: When no candidate exists.
     """
-    p = Path(path).expanduser()
+    text = str(path)
+    if text.startswith(PKG_SCHEME):  # a file shipped in a package, e.g. pkg://phi3tune/sample_data/x.jsonl
+        package, _, rel = text[len(PKG_SCHEME) :].partition("/")
+        try:
+            p = Path(str(resources.files(package).joinpath(rel)))
+        except (ModuleNotFoundError, TypeError, ValueError):
+            raise DataError(f"{text}: no installed package '{package}'", hint="pkg:// paths look like pkg://phi3tune/sample_data/x.jsonl") from None
+    else:
+        p = Path(text).expanduser()
     candidates = [p] if p.is_absolute() else ([base_dir / p] if base_dir else []) + [Path.cwd() / p]
     for c in candidates:
         if c.is_file():
