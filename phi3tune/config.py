@@ -15,14 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from phi3tune.config_fields import check_against_dataclass, dataclass_field_types, did_you_mean
 from phi3tune.config_legacy import translate_legacy
-from phi3tune.config_schema import DataConfig, DataSource, ModelConfig, resolve_data_path
+from phi3tune.config_parse import SECTIONS, apply_override, pydantic_problems, read_yaml
+from phi3tune.config_schema import EVAL_CONFLICT, DataConfig, DataSource, ModelConfig, resolve_data_path
 from phi3tune.errors import ConfigError, UsageError
-from phi3tune.lora_targets import PHI3_LINEAR_MODULES, PHI3_MODULE_NAMES, resolve_target_modules
+from phi3tune.lora_targets import PHI3_LINEAR_MODULES, PHI3_LORA_MODULES, resolve_target_modules
 
 __all__ = [
     "PHI3_LINEAR_MODULES",
@@ -38,8 +38,6 @@ __all__ = [
     "resolve_target_modules",
 ]
 
-SECTIONS = ("model", "data", "training_config", "peft_config")
-_OVERRIDE_KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*$")
 _SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_key|apikey|access_key)$", re.IGNORECASE)
 _NOT_SECRET = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token"}
 _HF_TOKEN_VALUE = re.compile(r"^hf_[A-Za-z0-9]{20,}$")
@@ -117,77 +115,6 @@ def _lora_config_cls() -> type:
     return LoraConfig
 
 
-def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise ConfigError([f"config file not found: {path}"], str(path))
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        reason = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"YAML syntax error{where}: {reason}"], str(path)) from None
-    except UnicodeDecodeError:
-        raise ConfigError(["not a UTF-8 text file"], str(path)) from None
-
-
-def _apply_override(doc: dict[str, Any], item: str, problems: list[str]) -> str | None:
-    """Apply one ``KEY=VALUE`` to ``doc``; returns the dotted key, or None after recording a problem."""
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not _OVERRIDE_KEY.match(key):
-        problems.append(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. training_config.max_steps=5")
-        return None
-    parts = key.split(".")
-    if parts[0] not in SECTIONS:
-        problems.append(f"--set {key}: unknown section '{parts[0]}'{did_you_mean(parts[0], SECTIONS)} "
-                        f"(sections: {', '.join(SECTIONS)})")
-        return None
-    if len(parts) == 1:
-        problems.append(f"--set {key}: give a key inside the section, e.g. {key}.<name>=VALUE")
-        return None
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw  # not valid YAML (e.g. an unbalanced bracket in a prompt): take the text as written
-    node = doc
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif isinstance(child, str) and parts[depth] in ("train", "eval") and depth == 1:
-            child = node[part] = {"path": child}  # data.train: x.jsonl, then --set data.train.split=...
-        elif not isinstance(child, dict):
-            problems.append(f"--set {key}: {'.'.join(parts[: depth + 1])} is {child!r}, not a mapping")
-            return None
-        node = child
-    node[parts[-1]] = value
-    return key
-
-
-def _pydantic_problems(exc: ValidationError, section: str, root: type[BaseModel]) -> list[str]:
-    """Turn pydantic errors into ``dotted.path: message`` lines, with did-you-mean for unknown keys."""
-    problems = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        path = ".".join([section, *loc])
-        if err["type"] == "extra_forbidden":
-            cls: Any = root
-            for part in loc[:-1]:
-                field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
-                cls = getattr(field, "annotation", None)
-                cls = next((a for a in getattr(cls, "__args__", (cls,)) if isinstance(a, type) and issubclass(a, BaseModel)), cls)
-            names = cls.model_fields if isinstance(cls, type) and issubclass(cls, BaseModel) else ()
-            problems.append(f"{path}: unknown key{did_you_mean(loc[-1], names)}")
-        elif err["type"] == "missing":
-            problems.append(f"{path}: missing (required)")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            shown = "" if err["type"].startswith("value_error") else f" (got {err.get('input')!r})"
-            problems.append(f"{path}: {msg}{shown}")
-    return problems
-
-
 def _check_values(tc: dict[str, Any], peft: dict[str, Any], problems: list[str], warnings: list[str]) -> None:
     """Cross-field and range checks that the field types alone cannot express."""
     for key in _POSITIVE:
@@ -203,7 +130,7 @@ def _check_values(tc: dict[str, Any], peft: dict[str, Any], problems: list[str],
         problems.append(f"peft_config.lora_dropout: must be in [0, 1), got {dropout!r}")
     if "target_modules" in peft:
         try:
-            peft["target_modules"], found = resolve_target_modules(peft["target_modules"], set(PHI3_MODULE_NAMES))
+            peft["target_modules"], found = resolve_target_modules(peft["target_modules"], set(PHI3_LORA_MODULES))
             warnings.extend(found)
         except UsageError as exc:
             problems.append(str(exc).replace("\n  hint: ", "; "))
@@ -234,7 +161,7 @@ def load_config(
     source = Path(path).expanduser() if path is not None else None
     where = str(source) if source else "--set overrides"
     base_dir = source.resolve().parent if source else Path.cwd()
-    doc = _read_yaml(source) if source else {}
+    doc = read_yaml(source) if source else {}
     if doc is None:
         raise ConfigError(["the file is empty; it needs at least a data section with data.train"], where)
     if not isinstance(doc, dict):
@@ -250,7 +177,7 @@ def load_config(
             doc.pop(name)
         elif name in doc and doc[name] is None:
             doc[name] = {}
-    cli_keys = [k for k in (_apply_override(doc, item, problems) for item in overrides) if k]
+    cli_keys = [k for k in (apply_override(doc, item, problems) for item in overrides) if k]
     has_data = "data" in doc
 
     sft_fields = dataclass_field_types(_sft_config_cls())
@@ -261,14 +188,17 @@ def load_config(
     try:
         model = ModelConfig.model_validate(doc.get("model") or {})
     except ValidationError as exc:
-        problems.extend(_pydantic_problems(exc, "model", ModelConfig))
+        problems.extend(pydantic_problems(exc, "model", ModelConfig))
     if not has_data:
         problems.append("data: missing section; give at least data.train (a file path or {hub: ..., split: ...})")
     else:
+        if doc["data"].get("eval") is not None and doc["data"].get("eval_fraction") is not None:
+            # pydantic skips the model-level check when a field fails; report this one regardless.
+            problems.append(EVAL_CONFLICT)
         try:
             data = DataConfig.model_validate(doc["data"])
         except ValidationError as exc:
-            problems.extend(_pydantic_problems(exc, "data", DataConfig))
+            problems.extend(pydantic_problems(exc, "data", DataConfig))
 
     tc, tc_problems = check_against_dataclass(doc.get("training_config") or {}, _sft_config_cls(), "training_config")
     peft, peft_problems = check_against_dataclass(doc.get("peft_config") or {}, _lora_config_cls(), "peft_config")
@@ -287,13 +217,13 @@ def load_config(
             src = getattr(data, field)
             if src is not None and src.path is not None:
                 # Paths typed on the command line mean the current directory, not the config's.
-                from_cli = any(k == f"data.{field}" or k.startswith(f"data.{field}.") for k in cli_keys)
+                from_cli = any(k in (f"data.{field}", f"data.{field}.path") for k in cli_keys)
                 try:
                     src.path = str(resolve_data_path(src.path, Path.cwd() if from_cli else base_dir))
                 except UsageError as exc:
                     problems.append(f"data.{field}.path: {exc.message}")
     if problems:
-        raise ConfigError(problems, where)
+        raise ConfigError(list(dict.fromkeys(problems)), where)
     if out_dir is not None:
         tc["output_dir"] = str(Path(str(out_dir)).expanduser())
     return RunConfig(

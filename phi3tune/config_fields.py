@@ -38,7 +38,10 @@ def dataclass_field_types(cls: type) -> dict[str, Any]:
 
 def did_you_mean(key: str, candidates: typing.Iterable[str]) -> str:
     """Return ``"; did you mean 'x'?"`` for the closest candidate, or an empty string."""
-    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    names = list(candidates)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    # Short forms (`peft` for `peft_config`) score low on similarity but are obvious prefixes.
+    close = close or [n for n in names if len(key) >= 3 and n.startswith(key)][:1]
     return f"; did you mean '{close[0]}'?" if close else ""
 
 

@@ -16,6 +16,7 @@ from phi3tune.config_fields import did_you_mean
 from phi3tune.errors import UsageError
 
 PKG_SCHEME = "pkg://"
+EVAL_CONFLICT = "data: give either 'eval' or 'eval_fraction', not both"
 
 # random_init keys that are sizes: positive ints. vocab_size is left out on purpose: the real tokenizer is
 # kept, its special tokens reach id 32063, so a smaller vocabulary would index out of range.
@@ -158,7 +159,7 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataConfig:
         if self.eval is not None and self.eval_fraction is not None:
-            raise ValueError("give either 'eval' or 'eval_fraction', not both")
+            raise ValueError(EVAL_CONFLICT.removeprefix("data: "))
         return self
 
 

@@ -16,23 +16,9 @@ from phi3tune.errors import UsageError
 #: The linear layers of every Phi-3 decoder layer (what ``all-linear`` adapts, lm_head aside).
 PHI3_LINEAR_MODULES: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
-#: Leaf module names of ``Phi3ForCausalLM`` (transformers 5); used to check configs before a model exists.
-PHI3_MODULE_NAMES: frozenset[str] = frozenset(
-    {
-        *PHI3_LINEAR_MODULES,
-        "lm_head",
-        "embed_tokens",
-        "norm",
-        "input_layernorm",
-        "post_attention_layernorm",
-        "activation_fn",
-        "resid_attn_dropout",
-        "resid_mlp_dropout",
-        "rotary_emb",
-        "self_attn",
-        "mlp",
-    }
-)
+#: Leaf names of the ``Phi3ForCausalLM`` modules LoRA can wrap (transformers 5); checks configs before a
+#: model exists. The recipe re-resolves against the loaded model's own names.
+PHI3_LORA_MODULES: frozenset[str] = frozenset({*PHI3_LINEAR_MODULES, "lm_head", "embed_tokens"})
 
 #: Llama-style names and the Phi-3 module that holds their weights.
 LLAMA_TO_PHI3: dict[str, str] = {
@@ -112,9 +98,13 @@ def resolve_target_modules(
         if target not in resolved:
             resolved.append(target)
     if unmatched:
-        which = "none of the names" if not resolved else "some names"
+        if resolved:
+            what = f"{', '.join(unmatched)} {'is' if len(unmatched) == 1 else 'are'} not a module of this model"
+            what += f" (matched: {', '.join(resolved)})"
+        else:
+            what = f"none of {', '.join(unmatched)} is a module of this model"
         raise UsageError(
-            f"peft_config.target_modules: {which} match a module of this model: {', '.join(unmatched)}",
-            hint=f"available module names: {', '.join(sorted(available))} (or use 'all-linear')",
+            f"peft_config.target_modules: {what}",
+            hint=f"available: {', '.join(sorted(available))} (or 'all-linear')",
         )
     return resolved, warnings
