@@ -43,8 +43,16 @@ _NOT_SECRET = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", 
 _HF_TOKEN_VALUE = re.compile(r"^hf_[A-Za-z0-9]{20,}$")
 REDACTED = "***"
 # training_config values that must be positive when set; zero or less fails deep inside the trainer.
-_POSITIVE = ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
-             "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps", "eval_steps")
+_POSITIVE = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "logging_steps",
+    "save_steps",
+    "eval_steps",
+)
 
 
 @dataclasses.dataclass
@@ -165,7 +173,9 @@ def load_config(
     if doc is None:
         raise ConfigError(["the file is empty; it needs at least a data section with data.train"], where)
     if not isinstance(doc, dict):
-        raise ConfigError([f"expected a mapping of sections ({', '.join(SECTIONS)}), got a {type(doc).__name__}"], where)
+        raise ConfigError(
+            [f"expected a mapping of sections ({', '.join(SECTIONS)}), got a {type(doc).__name__}"], where
+        )
 
     problems: list[str] = []
     for key in [k for k in doc if k not in SECTIONS]:

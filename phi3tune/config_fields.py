@@ -19,7 +19,7 @@ from typing import Any
 _NO = object()  # sentinel: "this value does not fit the annotation"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dataclass_field_types(cls: type) -> dict[str, Any]:
     """Return ``{field name: resolved annotation}`` for the init fields of a dataclass.
 
@@ -115,7 +115,7 @@ def _coerce(value: Any, ann: Any, lenient: bool) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 return _NO
-            items = [_coerce(v, a, lenient) for v, a in zip(value, args)]
+            items = [_coerce(v, a, lenient) for v, a in zip(value, args, strict=True)]
         else:
             item_ann = args[0] if args else Any
             items = [_coerce(v, item_ann, lenient) for v in value]
@@ -131,9 +131,7 @@ def _coerce(value: Any, ann: Any, lenient: bool) -> Any:
     return value
 
 
-def check_against_dataclass(
-    values: dict[str, Any], cls: type, section: str
-) -> tuple[dict[str, Any], list[str]]:
+def check_against_dataclass(values: dict[str, Any], cls: type, section: str) -> tuple[dict[str, Any], list[str]]:
     """Validate keys and value types of ``values`` against the init fields of ``cls``.
 
     Unknown keys are reported with their dotted path and a did-you-mean; values that do not fit the field's

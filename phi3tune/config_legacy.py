@@ -110,7 +110,9 @@ class _Translator:
         if value is True:
             self.move(src, old, "model", "attn_implementation", "flash_attention_2", "old attention flag")
         else:
-            self.warnings.append(f"{src}.{old}: old attention flag set to {value!r}; ignored (see model.attn_implementation)")
+            self.warnings.append(
+                f"{src}.{old}: old attention flag set to {value!r}; ignored (see model.attn_implementation)"
+            )
 
     def training(self) -> None:
         tc = self.doc.get("training_config")
@@ -125,7 +127,9 @@ class _Translator:
                     )
                 else:
                     tc[new] = value
-                    self.warnings.append(f"training_config.{old}: renamed to '{new}' in the installed trl/transformers; translated")
+                    self.warnings.append(
+                        f"training_config.{old}: renamed to '{new}' in the installed trl/transformers; translated"
+                    )
         if "warmup_ratio" in tc and "warmup_ratio" not in self.fields:
             self.warmup_ratio(tc, tc.pop("warmup_ratio"))
         for old, why in TRAINING_DROPPED.items():
@@ -136,14 +140,18 @@ class _Translator:
             self.move("training_config", "torch_dtype", "model", "dtype", tc.pop("torch_dtype"), "the model's dtype")
         if "attn_implementation" in tc:
             value = tc.pop("attn_implementation")
-            self.move("training_config", "attn_implementation", "model", "attn_implementation", value, "a model setting")
+            self.move(
+                "training_config", "attn_implementation", "model", "attn_implementation", value, "a model setting"
+            )
         for old in ("use_flash_attention_2", "use_flash_attention"):
             if old in tc:
                 self.attention_flag("training_config", old, tc.pop(old))
         if "assistant_only_loss" in tc:
             value = tc.pop("assistant_only_loss")
             loss_on = "assistant" if value else "all"
-            self.move("training_config", "assistant_only_loss", "data", "loss_on", loss_on, "phi3tune builds the loss mask")
+            self.move(
+                "training_config", "assistant_only_loss", "data", "loss_on", loss_on, "phi3tune builds the loss mask"
+            )
         if "model_init_kwargs" in tc:
             tc.pop("model_init_kwargs")
             self.problems.append(
@@ -174,13 +182,21 @@ class _Translator:
     def precision(self, tc: dict[str, Any]) -> None:
         """Keep bf16/fp16 consistent with model.dtype; an explicit contradiction is a problem."""
         bf16, fp16 = tc.get("bf16") is True, tc.get("fp16") is True
-        dtype = _norm_dtype(self.doc.get("model", {}).get("dtype", "auto")) if isinstance(self.doc.get("model"), dict) else "auto"
+        dtype = (
+            _norm_dtype(self.doc.get("model", {}).get("dtype", "auto"))
+            if isinstance(self.doc.get("model"), dict)
+            else "auto"
+        )
         if bf16 and fp16:
             self.problems.append("training_config: bf16 and fp16 are both true; choose one")
         elif bf16 and dtype == "float16":
-            self.problems.append("training_config.bf16: true contradicts model.dtype: float16; set fp16 or dtype bfloat16")
+            self.problems.append(
+                "training_config.bf16: true contradicts model.dtype: float16; set fp16 or dtype bfloat16"
+            )
         elif fp16 and dtype == "bfloat16":
-            self.problems.append("training_config.fp16: true contradicts model.dtype: bfloat16; set bf16 or dtype float16")
+            self.problems.append(
+                "training_config.fp16: true contradicts model.dtype: bfloat16; set bf16 or dtype float16"
+            )
         elif fp16 and dtype == "auto":
             # Cookbook recipes train fp16 on fp16 weights; auto would load bf16 and mix the two.
             self.move("training_config", "fp16", "model", "dtype", "float16", "fp16 training")

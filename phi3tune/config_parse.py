@@ -44,8 +44,10 @@ def apply_override(doc: dict[str, Any], item: str, problems: list[str]) -> str |
         return None
     parts = key.split(".")
     if parts[0] not in SECTIONS:
-        problems.append(f"--set {key}: unknown section '{parts[0]}'{did_you_mean(parts[0], SECTIONS)} "
-                        f"(sections: {', '.join(SECTIONS)})")
+        problems.append(
+            f"--set {key}: unknown section '{parts[0]}'{did_you_mean(parts[0], SECTIONS)} "
+            f"(sections: {', '.join(SECTIONS)})"
+        )
         return None
     if len(parts) == 1:
         problems.append(f"--set {key}: give a key inside the section, e.g. {key}.<name>=VALUE")
@@ -80,7 +82,10 @@ def pydantic_problems(exc: ValidationError, section: str, root: type[BaseModel])
             for part in loc[:-1]:
                 field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
                 cls = getattr(field, "annotation", None)
-                cls = next((a for a in getattr(cls, "__args__", (cls,)) if isinstance(a, type) and issubclass(a, BaseModel)), cls)
+                cls = next(
+                    (a for a in getattr(cls, "__args__", (cls,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                    cls,
+                )
             names = cls.model_fields if isinstance(cls, type) and issubclass(cls, BaseModel) else ()
             problems.append(f"{path}: unknown key{did_you_mean(loc[-1], names)}")
         elif err["type"] == "missing":

@@ -187,7 +187,8 @@ def resolve_data_path(path: str | Path, base_dir: str | Path) -> Path:
             root = resources.files(package)
         except (ModuleNotFoundError, TypeError, ValueError) as exc:
             raise UsageError(
-                f"{text}: no installed package '{package}'", hint="pkg:// paths look like pkg://phi3tune/sample_data/x.jsonl"
+                f"{text}: no installed package '{package}'",
+                hint="pkg:// paths look like pkg://phi3tune/sample_data/x.jsonl",
             ) from exc
         return Path(str(root.joinpath(rel))).resolve()
     candidate = Path(text).expanduser()

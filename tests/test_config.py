@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 import yaml
 
-from phi3tune.config import PHI3_LINEAR_MODULES, finalize_training_args, load_config, resolve_data_path, resolve_target_modules
+from phi3tune.config import (
+    PHI3_LINEAR_MODULES,
+    finalize_training_args,
+    load_config,
+    resolve_data_path,
+    resolve_target_modules,
+)
 from phi3tune.errors import ConfigError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,8 +244,17 @@ def test_multiple_errors_reported_together(tmp_path: Path) -> None:
     }
     problems = problems_of(write(tmp_path, doc), "bad.key=1")
     joined = "\n".join(problems)
-    for fragment in ("model.dtype", "trust_remote_code", "eval_fraction", "learing_rate", "max_length: must be > 0",
-                     "peft_config.r", "wq", "extra: unknown section", "--set bad.key"):
+    for fragment in (
+        "model.dtype",
+        "trust_remote_code",
+        "eval_fraction",
+        "learing_rate",
+        "max_length: must be > 0",
+        "peft_config.r",
+        "wq",
+        "extra: unknown section",
+        "--set bad.key",
+    ):
         assert fragment in joined, fragment
     assert len(problems) >= 9
 
@@ -311,14 +326,18 @@ def test_legacy_conflicts_are_errors(tmp_path: Path, model: dict, training: dict
 
 
 def test_random_init_keys_are_checked(tmp_path: Path) -> None:
-    doc = base_doc(model={"random_init": {"hidden_size": 64, "num_layers": 2, "vocab_size": 100, "intermediate_size": -1}})
+    doc = base_doc(
+        model={"random_init": {"hidden_size": 64, "num_layers": 2, "vocab_size": 100, "intermediate_size": -1}}
+    )
     (problem,) = [p for p in problems_of(write(tmp_path, doc)) if p.startswith("model.random_init")]
     assert "num_layers" in problem and "did you mean 'num_hidden_layers'" in problem
     assert "vocab_size" in problem and "intermediate_size" in problem
 
 
 def test_target_modules_llama_names_map_to_fused() -> None:
-    targets, warnings = resolve_target_modules(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], PHI3_AVAILABLE)
+    targets, warnings = resolve_target_modules(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], PHI3_AVAILABLE
+    )
     assert targets == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     assert len(warnings) == 5 and all("Llama-style" in w for w in warnings)
     assert set(PHI3_LINEAR_MODULES) <= PHI3_AVAILABLE
