@@ -1,0 +1,119 @@
+"""``phi3tune chat``: one-shot or interactive, streaming generation with the Phi-3 chat template.
+
+Answers go to stdout (so ``phi3tune chat RUN --prompt ... > answer.txt`` works); prompts and status
+go to the console (stderr). Generation is greedy and stops at ``<|end|>`` or ``<|endoftext|>``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TextIO
+
+import torch
+from rich.console import Console
+
+from phi3tune import modeling
+from phi3tune.run_dir import load_for_inference, resolve_target
+
+EXIT_WORDS = {"/exit", "/quit", "exit", "quit"}
+RESET_WORD = "/reset"
+
+
+def _streamer(tokenizer, out: TextIO):
+    """A TextStreamer that writes decoded text to ``out`` as it is generated, without special tokens."""
+    from transformers import TextStreamer
+
+    class _ToStream(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            out.write(text + ("\n" if stream_end else ""))
+            out.flush()
+
+    return _ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate_reply(model, tokenizer, messages: list[dict[str, str]], *, max_new_tokens: int,
+                   out: TextIO | None = None) -> str:
+    """Greedy-generate the assistant's next turn for ``messages``, streaming it to ``out`` if given.
+
+    Args:
+        model: A causal LM (or PeftModel) in eval mode.
+        tokenizer: The Phi-3 tokenizer.
+        messages: The conversation so far, ending with a user turn.
+        max_new_tokens: Generation limit.
+        out: A text stream to write tokens to as they come, or None.
+
+    Returns:
+        The reply text, without special tokens.
+    """
+    from phi3tune.chat_template import render_prompt
+
+    prompt = torch.tensor([render_prompt(tokenizer, messages)], device=next(model.parameters()).device)
+    output = model.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=list(modeling.PHI3_STOP_IDS),
+        pad_token_id=modeling.PHI3_EOS_ID,
+        streamer=_streamer(tokenizer, out) if out is not None else None,
+    )
+    return tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True).strip()
+
+
+def chat_loop(model, tokenizer, *, system: str | None, max_new_tokens: int, console: Console,
+              read_line: Callable[[], str] = input, out: TextIO | None = None) -> int:
+    """Interactive multi-turn session until EOF or ``/exit``; ``/reset`` forgets the conversation.
+
+    Returns:
+        The number of answered turns.
+    """
+    out = out or sys.stdout  # looked up per call: test runners swap sys.stdout
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    turns = 0
+    console.print("chat: type a message; /reset starts over, /exit or Ctrl-D quits.")
+    while True:
+        console.print("[bold]you>[/] ", end="")
+        try:
+            text = read_line()
+        except EOFError:
+            console.print()
+            return turns
+        if text.strip() in EXIT_WORDS:
+            return turns
+        if text.strip() == RESET_WORD:
+            messages = list(start)
+            console.print("(conversation reset)")
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        console.print("[bold]phi3>[/] ", end="")
+        reply = generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, out=out)
+        messages.append({"role": "assistant", "content": reply})
+        turns += 1
+
+
+def run_chat(target: str, *, prompt: str | None = None, system: str | None = None, max_new_tokens: int = 256,
+             console: Console | None = None) -> None:
+    """``phi3tune chat``: answer ``prompt`` once, or start an interactive session.
+
+    Args:
+        target: A run dir, adapter dir, merged model dir or hub id.
+        prompt: One-shot user message; None starts the interactive loop on stdin.
+        system: Optional system prompt.
+        max_new_tokens: Generation limit per answer.
+        console: Where status lines go (answers go to stdout).
+    """
+    console = console or Console(stderr=True)
+    resolved = resolve_target(target)
+    device = modeling.device_type()
+    what = f"adapter {resolved.path} on {resolved.base}" if resolved.kind == "adapter" else f"model {resolved.path}"
+    console.print(f"loading {what} ({device})", highlight=False)
+    model, tokenizer = load_for_inference(resolved, device=device)
+    if prompt is not None:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, out=sys.stdout)
+        return
+    chat_loop(model, tokenizer, system=system, max_new_tokens=max_new_tokens, console=console)

@@ -1,0 +1,119 @@
+"""The samples ``phi3tune eval`` scores, tokenised exactly as training tokenised them.
+
+Sources, in order of precedence: ``--data FILE``, ``--config``'s eval data, the run's own eval data
+from ``run_config.yaml`` (``data.eval``, or the ``eval_fraction`` split rebuilt with the run's seed).
+The run's ``max_length``, ``loss_on``, ``format`` and ``system_prompt`` apply in every case, so a
+``--data`` file is masked and truncated the way the run's own data was.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from phi3tune.errors import UsageError
+from phi3tune.run_dir import Target
+
+DEFAULT_MAX_LENGTH = 1024  # train.py's fallback when training_config sets none
+DEFAULT_SEED = 42
+_FRACTION = re.compile(r"^(?P<path>.*) \(eval_fraction (?P<fraction>[0-9.eE+-]+)\)$")
+
+
+def _training_value(run_config: dict[str, Any], key: str, default: Any) -> Any:
+    value = (run_config.get("training_config") or {}).get(key)
+    return default if value is None else value
+
+
+def _data_config_from_run(run_config: dict[str, Any]):
+    """The run's data config, from run_config.yaml's ``data`` section.
+
+    run_config.yaml may hold the config's ``data`` section itself, or (older runs) only the data
+    report (sources and counts, under ``data`` or ``data_report``); the sources are then rebuilt from it.
+    """
+    from phi3tune.config_schema import DataConfig
+
+    data = run_config.get("data") or {}
+    if isinstance(data.get("train"), (str, dict)) and "source" not in (data.get("train") or {}):
+        return DataConfig.model_validate(data)
+    report = data if "fingerprint" in data else (run_config.get("data_report") or {})
+    train = (report.get("train") or {}).get("source")
+    evaluation = (report.get("eval") or {}).get("source")
+    if not train or not evaluation:
+        raise UsageError("the run has no eval data recorded in run_config.yaml.",
+                         hint="pass --data FILE or --config CONFIG with data.eval.")
+    fields: dict[str, Any] = {"train": {"path": train}, "format": "auto"}
+    match = _FRACTION.match(evaluation)
+    if match:
+        fields["train"] = {"path": match["path"]}
+        fields["eval_fraction"] = float(match["fraction"])
+    else:
+        fields["eval"] = {"path": evaluation}
+    for key in ("format", "system_prompt", "on_invalid", "on_overlength", "loss_on"):
+        if key in data and not isinstance(data[key], dict):
+            fields[key] = data[key]
+    return DataConfig.model_validate(fields)
+
+
+def _tokenise_file(path: Path, data_cfg: Any, tokenizer, max_length: int):
+    """Read, validate and tokenise one data file with the run's data policies."""
+    from phi3tune.data import SourceReport, read_source, tokenise_conversations
+
+    if not path.is_file():
+        raise UsageError(f"--data {path}: no such file.")
+    source = read_source(SimpleNamespace(path=str(path.resolve()), hub=None), data_cfg)
+    if getattr(data_cfg, "on_invalid", "error") == "error":
+        source.validation.raise_if_invalid(source.loaded.source)
+    report = SourceReport(source=source.loaded.source, format=source.format)
+    dataset = tokenise_conversations(
+        source.valid_conversations(), source.valid_numbers(), tokenizer, max_length,
+        getattr(data_cfg, "loss_on", "assistant") or "assistant",
+        getattr(data_cfg, "on_overlength", "truncate") or "truncate", report, source.loaded.unit,
+    )
+    return dataset, f"{source.loaded.source} ({source.format}, {len(dataset)} samples)"
+
+
+def load_eval_dataset(target: Target, tokenizer, *, config: Path | None = None, data: Path | None = None):
+    """Tokenised eval samples (``input_ids``/``labels``) and a description of where they came from.
+
+    Args:
+        target: The resolved run/adapter/model.
+        config: A config file whose eval data to use.
+        data: A data file to use.
+
+    Returns:
+        ``(dataset, source_description)``.
+
+    Raises:
+        UsageError: No eval data can be found.
+    """
+    from phi3tune.data import prepare_datasets
+
+    run_config = target.run_config
+    max_length = int(_training_value(run_config, "max_length", DEFAULT_MAX_LENGTH))
+    seed = int(_training_value(run_config, "seed", DEFAULT_SEED))
+    if data is not None:
+        try:
+            data_cfg = _data_config_from_run(run_config) if run_config else SimpleNamespace()
+        except UsageError:
+            data_cfg = SimpleNamespace()  # no recorded data policies: the defaults apply
+        return _tokenise_file(Path(data), data_cfg, tokenizer, max_length)
+    if config is not None:
+        from phi3tune.config import load_config
+
+        cfg = load_config(config)
+        max_length = int(cfg.training_config.get("max_length") or max_length)
+        seed = int(cfg.training_config.get("seed", seed))
+        data_cfg, base_dir, where = cfg.data, cfg.base_dir, str(config)
+    elif run_config:
+        data_cfg, base_dir, where = _data_config_from_run(run_config), target.run_dir, "the run's eval split"
+    else:
+        raise UsageError(f"{target.path} has no run_config.yaml to take eval data from.",
+                         hint="pass --data FILE (or --config CONFIG).")
+    if data_cfg.eval is None and not data_cfg.eval_fraction:
+        raise UsageError(f"{where} defines no eval data (data.eval or data.eval_fraction).",
+                         hint="pass --data FILE.")
+    prepared = prepare_datasets(data_cfg, tokenizer, max_length=max_length, seed=seed, base_dir=base_dir)
+    eval_report = prepared.report.eval
+    return prepared.eval, f"{where}: {eval_report.source if eval_report else '?'} ({len(prepared.eval)} samples)"

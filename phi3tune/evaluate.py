@@ -1,0 +1,261 @@
+"""``phi3tune eval``: loss, perplexity and token accuracy on assistant tokens, plus greedy generations.
+
+The samples are tokenised exactly as for training (``phi3tune.data``: same chat template, same
+assistant-only labels, same ``max_length`` and overlength policy), from the run's eval split by
+default — ``data.eval`` or the ``eval_fraction`` split rebuilt with the run's seed — or from
+``--config``'s eval data or a ``--data`` file.
+
+``eval_loss`` is the token-weighted mean cross-entropy over every labelled token of every sample
+(the trainer's logged eval loss averages per-batch means, so the two can differ slightly when
+samples differ in length). With ``--compare-base`` the same model is run with its adapter disabled
+on the same samples.
+
+Output: ``eval_metrics.json`` (default: in the run dir). Its top-level keys stay the schema of
+DESIGN.md §3 (eval_loss, perplexity, token_accuracy, n_samples, n_tokens) for the adapter, so tools
+reading the training-time file keep working; ``adapter``/``base``/``difference`` sections are added,
+and a training-time file that was there is kept under ``training_eval`` rather than overwritten.
+``eval_generations.jsonl`` beside it holds prompt / reference / answer (and base_answer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from phi3tune import modeling
+from phi3tune.checkpoints import atomic_write_json, atomic_write_text
+from phi3tune.eval_data import load_eval_dataset
+from phi3tune.errors import UsageError
+from phi3tune.run_dir import Target, load_for_inference, resolve_target
+
+IGNORE_INDEX = -100
+BATCH_SIZE = 4
+N_GENERATIONS = 5
+MAX_GENERATION_TOKENS = 128
+METRIC_KEYS = ("eval_loss", "perplexity", "token_accuracy")
+
+
+@torch.no_grad()
+def score(model, dataset, *, progress: Progress | None = None, label: str = "eval") -> dict[str, Any]:
+    """Token-weighted loss and accuracy of ``model`` over the labelled tokens of ``dataset``.
+
+    Args:
+        model: A causal LM in eval mode.
+        dataset: Rows with ``input_ids`` and ``labels`` (-100 where not trained).
+        progress: A rich progress display to advance, or None.
+        label: The progress task's name.
+
+    Returns:
+        eval_loss, perplexity, token_accuracy, n_samples, n_tokens.
+    """
+    device = next(model.parameters()).device
+    task = progress.add_task(label, total=len(dataset)) if progress is not None else None
+    total_loss, correct, n_tokens = 0.0, 0, 0
+    for start in range(0, len(dataset), BATCH_SIZE):
+        rows = dataset[start : start + BATCH_SIZE]
+        width = max(len(ids) for ids in rows["input_ids"])
+        ids = torch.full((len(rows["input_ids"]), width), modeling.PHI3_EOS_ID, dtype=torch.long)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        mask = torch.zeros_like(ids)
+        for i, (row_ids, row_labels) in enumerate(zip(rows["input_ids"], rows["labels"])):
+            ids[i, : len(row_ids)] = torch.tensor(row_ids)
+            labels[i, : len(row_labels)] = torch.tensor(row_labels)
+            mask[i, : len(row_ids)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        # Position t predicts token t+1, as in training.
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+        total_loss += float(
+            torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+        )
+        trained = shift_labels != IGNORE_INDEX
+        correct += int((shift_logits.argmax(-1)[trained] == shift_labels[trained]).sum())
+        n_tokens += int(trained.sum())
+        if progress is not None:
+            progress.advance(task, len(rows["input_ids"]))
+    loss = total_loss / n_tokens if n_tokens else float("nan")
+    return {
+        "eval_loss": loss,
+        # exp overflows past ~700; a perplexity that large says nothing anyway.
+        "perplexity": math.exp(loss) if n_tokens and loss < 50 else None,
+        "token_accuracy": correct / n_tokens if n_tokens else None,
+        "n_samples": len(dataset),
+        "n_tokens": n_tokens,
+    }
+
+
+def _split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]] | None:
+    """Prompt (up to the last trained span) and reference ids (that span, without its closing <|end|>)."""
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not trained:
+        return None
+    end = trained[-1] + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    reference = [t for t in ids[start:end] if t not in modeling.PHI3_STOP_IDS]
+    return ids[:start], reference
+
+
+@torch.no_grad()
+def _greedy(model, prompt: list[int]) -> list[int]:
+    device = next(model.parameters()).device
+    tensor = torch.tensor([prompt], device=device)
+    out = model.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor), do_sample=False,
+                         max_new_tokens=MAX_GENERATION_TOKENS, eos_token_id=list(modeling.PHI3_STOP_IDS),
+                         pad_token_id=modeling.PHI3_EOS_ID)
+    return out[0, len(prompt) :].tolist()
+
+
+def generations(model, tokenizer, dataset, *, compare_base: bool) -> list[dict[str, str]]:
+    """Greedy answers (stopping at <|end|>) for the first few samples: prompt / reference / answer."""
+    found = []
+    for ids, labels in zip(dataset["input_ids"][:N_GENERATIONS], dataset["labels"][:N_GENERATIONS]):
+        split = _split_prompt(list(ids), list(labels))
+        if split is None:
+            continue
+        prompt, reference = split
+        row = {
+            "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
+            "reference": tokenizer.decode(reference, skip_special_tokens=True),
+            "answer": tokenizer.decode(_greedy(model, prompt), skip_special_tokens=True),
+        }
+        if compare_base:
+            with model.disable_adapter():
+                row["base_answer"] = tokenizer.decode(_greedy(model, prompt), skip_special_tokens=True)
+        found.append(row)
+    return found
+
+
+def _difference(adapter: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """adapter minus base for each metric (negative eval_loss = the adapter is better)."""
+    return {k: (adapter[k] - base[k] if adapter.get(k) is not None and base.get(k) is not None else None)
+            for k in METRIC_KEYS}
+
+
+def _default_output(target: Target) -> Path:
+    if target.run_dir is not None:
+        return target.run_dir / "eval_metrics.json"
+    if Path(target.path).is_dir():
+        return Path(target.path) / "eval_metrics.json"
+    raise UsageError(f"{target.path} is a hub id: there is no run folder to write metrics to.",
+                     hint="pass --output FILE.json")
+
+
+def _generations_path(output: Path) -> Path:
+    if output.name == "eval_metrics.json":
+        return output.with_name("eval_generations.jsonl")
+    return output.with_name(f"{output.stem}.generations.jsonl")
+
+
+def _previous_training_eval(output: Path) -> dict[str, Any] | None:
+    """The training-time metrics found at ``output`` (kept, not clobbered), if any."""
+    if not output.is_file():
+        return None
+    try:
+        previous = json.loads(output.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(previous, dict):
+        return None
+    if previous.get("written_by") == "phi3tune eval":
+        return previous.get("training_eval")  # an earlier eval: carry its preserved training section on
+    return previous
+
+
+def print_table(result: dict[str, Any], console: Console) -> None:
+    """The on-screen comparison: adapter, base and difference per metric."""
+    has_base = "base" in result
+    table = Table(title=f"phi3tune eval: {result['n_samples']} samples, {result['n_tokens']} assistant tokens",
+                  title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("adapter" if result["target_kind"] == "adapter" else "model", justify="right")
+    if has_base:
+        table.add_column("base", justify="right")
+        table.add_column("difference", justify="right")
+    for key in METRIC_KEYS:
+        cells = [_fmt(result["adapter"].get(key))]
+        if has_base:
+            cells += [_fmt(result["base"].get(key)), _fmt(result["difference"].get(key), signed=True)]
+        table.add_row(key, *cells)
+    console.print(table)
+
+
+def _fmt(value: Any, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def run_eval(run_or_adapter: Path, *, config: Path | None = None, data: Path | None = None,
+             max_samples: int | None = None, compare_base: bool = False, output: Path | None = None,
+             console: Console | None = None) -> None:
+    """``phi3tune eval``: score a run's adapter (and optionally its base) and write the results.
+
+    Args:
+        run_or_adapter: A run dir, an adapter dir or a model dir.
+        config: A config whose eval data to use instead of the run's.
+        data: A data file to evaluate on instead (any supported format).
+        max_samples: Use only the first N samples.
+        compare_base: Also score the base model (adapter disabled) on the same samples.
+        output: Metrics JSON path (default: RUN/eval_metrics.json).
+        console: Where the table and progress go.
+
+    Raises:
+        UsageError: Bad target, no eval data, or --compare-base for a full model.
+    """
+    console = console or Console(stderr=True)
+    if config is not None and data is not None:
+        raise UsageError("--config and --data both choose the eval data; give one.")
+    target = resolve_target(run_or_adapter)
+    if compare_base and target.kind != "adapter":
+        raise UsageError(f"--compare-base needs an adapter; {target.path} is a full model.")
+    output = Path(output) if output is not None else _default_output(target)
+    device = modeling.device_type()
+    model, tokenizer = load_for_inference(target, device=device)
+    if target.quantization and device != "cuda":
+        console.print("[yellow]warning:[/] QLoRA adapter evaluated on the unquantized base (no GPU): "
+                      "numbers differ slightly from the 4-bit base it was trained on.")
+    dataset, source = load_eval_dataset(target, tokenizer, config=config, data=data)
+    if max_samples is not None and max_samples < len(dataset):
+        dataset = dataset.select(range(max_samples))
+    if len(dataset) == 0:
+        raise UsageError(f"no usable eval samples in {source}.")
+
+    started = time.perf_counter()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
+        adapter_metrics = score(model, dataset, progress=progress, label=target.kind)
+        base_metrics = None
+        if compare_base:
+            with model.disable_adapter():
+                base_metrics = score(model, dataset, progress=progress, label="base")
+    samples = generations(model, tokenizer, dataset, compare_base=compare_base)
+
+    result: dict[str, Any] = {**adapter_metrics, "written_by": "phi3tune eval", "target": target.path,
+                              "target_kind": target.kind, "base_model": target.base, "data": source,
+                              "adapter": adapter_metrics}
+    if base_metrics is not None:
+        result["base"] = base_metrics
+        result["difference"] = _difference(adapter_metrics, base_metrics)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    previous = _previous_training_eval(output)
+    if previous is not None:
+        result["training_eval"] = previous
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(output, result)
+    gen_path = _generations_path(output)
+    atomic_write_text(gen_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))
+
+    print_table(result, console)
+    kept = " (training-time metrics kept under 'training_eval')" if previous is not None else ""
+    console.print(f"data: {source}", highlight=False)
+    console.print(f"wrote {output}{kept} and {gen_path.name} ({len(samples)} generations)", highlight=False)

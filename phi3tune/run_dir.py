@@ -1,0 +1,213 @@
+"""Resolve what ``eval``, ``merge-adapter`` and ``chat`` were pointed at, and load it for inference.
+
+A target is one of: a run's output directory (its ``adapter/`` is used), an adapter directory, a
+merged (or any full) model directory, or a hub id. For an adapter we also find its base model: the
+adapter config's ``base_model_name_or_path``, or, when that absolute path no longer exists (a
+random_init run that was moved or copied), the run's own ``base_model/`` next to the adapter.
+
+Pickled weights (``adapter_model.bin``, ``pytorch_model.bin``) can run code when loaded, so they are
+refused unless the user opts in with ``PHI3TUNE_ALLOW_PICKLE=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from phi3tune import modeling
+from phi3tune.errors import UsageError
+
+ADAPTER_CONFIG = "adapter_config.json"
+RUN_CONFIG = "run_config.yaml"
+ALLOW_PICKLE_ENV = "PHI3TUNE_ALLOW_PICKLE"
+
+
+@dataclass
+class Target:
+    """A resolved RUN_OR_ADAPTER_OR_MODEL argument.
+
+    Attributes:
+        kind: ``"adapter"`` (a LoRA adapter on top of ``base``) or ``"model"`` (a full model).
+        path: The adapter directory, the model directory, or the hub id.
+        run_dir: The run's output directory when the adapter belongs to one, else None.
+        base: For adapters, the base model's hub id or directory.
+        run_config: The run's ``run_config.yaml`` as a dict (empty when there is no run).
+    """
+
+    kind: str
+    path: str
+    run_dir: Path | None = None
+    base: str | None = None
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def quantization(self) -> str | None:
+        """The run's ``model.quantization`` (``4bit``/``8bit``) or None."""
+        return (self.run_config.get("model") or {}).get("quantization")
+
+    @property
+    def base_revision(self) -> str | None:
+        return (self.run_config.get("model") or {}).get("revision")
+
+
+def pickle_allowed() -> bool:
+    """Whether the user opted in to loading pickled weights."""
+    return os.environ.get(ALLOW_PICKLE_ENV, "") not in ("", "0", "false")
+
+
+def _refuse_pickle(directory: Path, safe_name: str, pickle_name: str) -> None:
+    if (directory / pickle_name).is_file() and not any(directory.glob(safe_name)) and not pickle_allowed():
+        raise UsageError(
+            f"{directory / pickle_name} is a pickle file, which can run arbitrary code when loaded.",
+            hint=f"convert it to safetensors, or set {ALLOW_PICKLE_ENV}=1 if you trust its source.",
+        )
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's ``run_config.yaml`` as a dict, or ``{}`` when absent or unreadable."""
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _adapter_base(adapter_dir: Path) -> str:
+    """The base model the adapter was trained on, with the moved-run fallback (see module docstring)."""
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path")
+    sibling = adapter_dir.resolve().parent / "base_model"
+    if base and Path(base).is_absolute() and not Path(base).exists():
+        if (sibling / "config.json").is_file():
+            return str(sibling)
+        raise UsageError(
+            f"the adapter's base model {base} no longer exists and there is no base_model/ next to the adapter.",
+            hint="copy the run's base_model/ folder next to adapter/, or fix base_model_name_or_path in "
+            f"{adapter_dir / ADAPTER_CONFIG}.",
+        )
+    if not base:
+        if (sibling / "config.json").is_file():
+            return str(sibling)
+        raise UsageError(f"{adapter_dir / ADAPTER_CONFIG} names no base_model_name_or_path.")
+    return base
+
+
+def resolve_target(target: str | Path, *, allow_model: bool = True) -> Target:
+    """Work out what a RUN_OR_ADAPTER(_OR_MODEL) argument points at.
+
+    Args:
+        target: A run dir, adapter dir, model dir or hub id.
+        allow_model: Accept full models (dirs or hub ids); False where only adapters make sense.
+
+    Returns:
+        The resolved target.
+
+    Raises:
+        UsageError: Nothing usable is there, a pickle would be loaded, or a model was given where an
+            adapter is required.
+    """
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if (path / "adapter" / ADAPTER_CONFIG).is_file():
+            run_dir, adapter_dir = path, path / "adapter"
+        elif (path / ADAPTER_CONFIG).is_file():
+            run_dir, adapter_dir = (path.parent if (path.parent / RUN_CONFIG).is_file() else None), path
+        elif (path / "config.json").is_file():
+            if not allow_model:
+                raise UsageError(f"{path} is a full model, not a LoRA adapter or a run directory.")
+            _refuse_pickle(path, "*.safetensors", "pytorch_model.bin")
+            return Target("model", str(path))
+        elif (path / RUN_CONFIG).is_file():
+            raise UsageError(
+                f"{path} is a run without an adapter/ (it did not finish).",
+                hint="resume it with `phi3tune train CONFIG --output-dir RUN --resume`.",
+            )
+        else:
+            raise UsageError(f"{path} holds no adapter (adapter_config.json), run (adapter/) or model (config.json).")
+        _refuse_pickle(adapter_dir, "adapter_model.safetensors", "adapter_model.bin")
+        return Target(
+            "adapter",
+            str(adapter_dir),
+            run_dir=run_dir,
+            base=_adapter_base(adapter_dir),
+            run_config=read_run_config(run_dir) if run_dir else {},
+        )
+    if path.exists():
+        raise UsageError(f"{path} is a file; give a run directory, an adapter directory or a model.")
+    looks_like_hub_id = str(target).count("/") == 1 and not str(target).startswith((".", "/", "~"))
+    if not (allow_model and looks_like_hub_id):
+        raise UsageError(f"{target} does not exist.", hint="give a run directory, an adapter directory or a hub id.")
+    return Target("model", str(target))
+
+
+def inference_dtype(target: Target, device: str) -> torch.dtype:
+    """The dtype to run a target in: the run's training dtype where known, bf16 on GPU, fp32 on CPU."""
+    trained = (target.run_config.get("resolved") or {}).get("dtype")
+    if trained in ("bfloat16", "float16", "float32"):
+        if device == "cpu" and trained == "float16":
+            return torch.float32  # fp16 matmuls are slow or missing on CPU
+        return getattr(torch, trained)
+    return modeling.resolve_dtype("auto", device)
+
+
+def load_full_model(name_or_path: str, *, dtype: torch.dtype, device: str, revision: str | None = None,
+                    quantization: str | None = None):
+    """Load a full causal LM (base or merged) for inference, safetensors only unless pickles are allowed.
+
+    Args:
+        name_or_path: Hub id or model directory.
+        dtype: Weight dtype (the compute dtype for quantized loads).
+        device: ``cuda`` or ``cpu``.
+        revision: Hub revision.
+        quantization: ``4bit``/``8bit`` to load through bitsandbytes (GPU only), else None.
+
+    Returns:
+        The model in eval mode on ``device``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision}
+    if not pickle_allowed():
+        kwargs["use_safetensors"] = True
+    if quantization:
+        kwargs["quantization_config"] = modeling.quantization_config(quantization)
+        kwargs["device_map"] = {"": 0}
+    with modeling._hub_errors("weights", name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    if not quantization:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_for_inference(target: Target, *, device: str, quantize: bool = True):
+    """Load a target as ``(model, tokenizer)``: base + adapter (a PeftModel) or a full model.
+
+    Args:
+        target: A resolved target.
+        device: ``cuda`` or ``cpu``.
+        quantize: Load a QLoRA run's base in 4-bit as it was trained (only where a GPU is present).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode.
+    """
+    dtype = inference_dtype(target, device)
+    quantization = target.quantization if (quantize and device == "cuda") else None
+    if target.kind == "model":
+        tokenizer = modeling.load_tokenizer(target.path)
+        return load_full_model(target.path, dtype=dtype, device=device), tokenizer
+    from peft import PeftModel
+
+    tokenizer = modeling.load_tokenizer(target.path)
+    revision = target.base_revision if not Path(target.base).is_dir() else None
+    base = load_full_model(target.base, dtype=dtype, device=device, revision=revision, quantization=quantization)
+    model = PeftModel.from_pretrained(base, target.path, is_trainable=False)
+    return model.eval(), tokenizer
