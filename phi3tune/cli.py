@@ -82,7 +82,7 @@ def train(
     from phi3tune.config import load_config
 
     def body() -> None:
-        cfg = load_config(config, set_, output_dir=output_dir)
+        cfg = load_config(config, set_, output_dir=output_dir, require_output_dir=not dry_run)
         for warning in cfg.warnings:
             console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         if dry_run:

@@ -97,7 +97,8 @@ def load_model_config(model_cfg: Any):
 def leaf_module_names(config) -> set[str]:
     """Names of the model's leaf modules, from a weightless (meta-device) instance of the architecture."""
     model = build_meta_model(config)
-    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if not list(module.children())}
+    wrappable = (torch.nn.Linear, torch.nn.Embedding)
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, wrappable)}
 
 
 def build_meta_model(config):
@@ -187,8 +188,17 @@ def build_lora_config(peft_config: dict[str, Any], available_modules: set[str]):
     targets, warnings = resolve_target_modules(params["target_modules"], available_modules)
     for line in warnings:
         log.warning(line)
+    if not isinstance(targets, str) and "lm_head" in targets:
+        raise UsageError(
+            "peft_config.target_modules: lm_head cannot take a LoRA adapter here (trl computes the loss from "
+            "lm_head.weight directly, so the adapter would never train).",
+            hint="remove lm_head from target_modules; to train it fully use peft_config.modules_to_save: [lm_head].",
+        )
     params["target_modules"] = targets
-    return LoraConfig(**params)
+    try:
+        return LoraConfig(**params)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"peft_config: {exc}") from exc
 
 
 def phi3_generation_config(model_config):

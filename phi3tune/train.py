@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import yaml
 from rich.console import Console
 
 from phi3tune import modeling
+from phi3tune.errors import UsageError
 from phi3tune.callbacks import MetricsFileCallback, ProgressCallback
 from phi3tune.checkpoints import (
     CHECKPOINTS_DIR,
@@ -62,7 +64,7 @@ def _library_versions() -> dict[str, str]:
     import trl
 
     return {
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "transformers": transformers.__version__,
         "trl": trl.__version__,
         "peft": peft.__version__,
@@ -100,6 +102,8 @@ def build_training_args(cfg, output_dir: Path, device: str, dtype: torch.dtype) 
     args.setdefault("report_to", "none")
     args["disable_tqdm"] = True  # our ProgressCallback replaces tqdm
     args.setdefault("logging_steps", 10)
+    if device == "cpu":
+        args["dataloader_pin_memory"] = False
     # The data arrive tokenised with labels (input_ids + labels), so trl only truncates/packs them.
     args.pop("assistant_only_loss", None)
     args.pop("dataset_text_field", None)
@@ -127,7 +131,10 @@ def save_adapter(trainer, tokenizer, adapter_dir: Path, base_model_path: str | N
     if base_model_path is not None:
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = base_model_path
-    model.save_pretrained(adapter_dir, safe_serialization=True)
+    with warnings.catch_warnings():
+        # peft looks for the base's config on the hub to detect vocabulary changes; ours is fixed and offline is fine.
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        model.save_pretrained(adapter_dir, safe_serialization=True)
     tokenizer.save_pretrained(adapter_dir)
     modeling.phi3_generation_config(model.config).save_pretrained(adapter_dir)
 
@@ -148,7 +155,7 @@ def _loss_range(metrics_path: Path) -> tuple[float | None, float | None, float |
 
 def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> TrainSummary:
     """Train a LoRA/QLoRA adapter as described by ``cfg`` (a validated RunConfig)."""
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
     from trl import SFTConfig
 
     from phi3tune.data import prepare_datasets
@@ -156,6 +163,9 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
 
     console = console or Console(stderr=True)
     started = time.perf_counter()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress display is the only one
 
     # 1. Output directory: refuse to clobber anything, find the checkpoint to resume.
     output_dir = prepare_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite, config_path=cfg.source)
@@ -207,15 +217,19 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
     # 6. The loop: trl's SFTTrainer with our checkpointing, metrics file and progress display.
     write_run_config(cfg, output_dir, device=device, attn=attn, dtype=dtype, data_info=data.report.to_dict())
     metrics_path = output_dir / "metrics.jsonl"
-    trainer = Phi3Trainer(
-        model=model,
-        args=SFTConfig(**args_dict),
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=lora_config,
-        callbacks=[MetricsFileCallback(metrics_path), ProgressCallback(console)],
-    )
+    try:
+        trainer = Phi3Trainer(
+            model=model,
+            args=SFTConfig(**args_dict),
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            peft_config=lora_config,
+            callbacks=[MetricsFileCallback(metrics_path), ProgressCallback(console)],
+        )
+    except ValueError as exc:  # trl/transformers/peft reject a value our schema let through
+        raise UsageError(f"training_config / peft_config: {exc}") from exc
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows them instead
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     console.print(f"trainable LoRA parameters: {trainable:,}")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -44,3 +44,32 @@ def phi3_tokenizer(offline_hf_home: Path | None):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(PHI3_ID)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600):
+    """Run the real `phi3tune` entry point in a subprocess (exit codes and signals behave as for a user)."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "phi3tune.cli", *args],
+        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO_ROOT,
+    )
+
+
+TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+TRAINED_RUN_STEPS = 60
+
+
+@pytest.fixture(scope="session")
+def trained_run(offline_hf_home: Path | None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One short tiny-model training through the CLI, shared by every test that needs a finished run."""
+    if offline_hf_home is None:
+        pytest.skip(f"no Phi-3 tokenizer cache at {SHARED_HF_HOME}")
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    result = run_cli("train", str(TINY_CONFIG), "--output-dir", str(out),
+                     "--set", f"training_config.max_steps={TRAINED_RUN_STEPS}",
+                     "--set", "training_config.save_steps=30")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
