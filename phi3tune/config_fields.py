@@ -126,6 +126,9 @@ def _coerce(value: Any, ann: Any, lenient: bool) -> Any:
         if isinstance(value, ann):
             return value
         allowed = {m.value for m in ann} | {m.name for m in ann}
+        # YAML 1.1 reads a bare `no` as False: `eval_strategy: no` means the strategy "no".
+        if value is False and "no" in allowed:
+            return "no"
         return value if isinstance(value, str) and value in allowed else _NO
     # Library classes (ParallelismConfig, LoftQConfig, ...): their constructors validate a dict themselves.
     return value

@@ -392,3 +392,13 @@ def test_finalized_model_card_config_builds_sft_config(tmp_path: Path) -> None:
     args = SFTConfig(**finalize_training_args(cfg.training_config, device_type="cpu", model_dtype="float32"))
     assert args.max_length == 2048 and args.warmup_steps == 0.2 and args.bf16 is False
     assert LoraConfig(**cfg.peft_config).r == 16
+
+
+def test_yaml_bare_no_means_the_no_strategy() -> None:
+    """Regression: `--set training_config.eval_strategy=no` parsed as False and was rejected as a bool."""
+    from phi3tune.config import load_config
+
+    cfg = load_config(None, ["data.train=x.jsonl", "training_config.eval_strategy=no",
+                             "training_config.save_strategy=no"], output_dir="out")
+    assert cfg.training_config["eval_strategy"] == "no"
+    assert cfg.training_config["save_strategy"] == "no"
