@@ -39,7 +39,7 @@ from phi3tune.run_dir import Target, load_for_inference, resolve_target
 IGNORE_INDEX = -100
 BATCH_SIZE = 4
 N_GENERATIONS = 5
-MAX_GENERATION_TOKENS = 128
+MAX_GENERATION_TOKENS = 256
 METRIC_KEYS = ("eval_loss", "perplexity", "token_accuracy")
 
 
@@ -106,11 +106,11 @@ def _split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[in
 
 
 @torch.no_grad()
-def _greedy(model, prompt: list[int]) -> list[int]:
+def _greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     device = next(model.parameters()).device
     tensor = torch.tensor([prompt], device=device)
     out = model.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor), do_sample=False,
-                         max_new_tokens=MAX_GENERATION_TOKENS, eos_token_id=list(modeling.PHI3_STOP_IDS),
+                         max_new_tokens=max_new_tokens, eos_token_id=list(modeling.PHI3_STOP_IDS),
                          pad_token_id=modeling.PHI3_EOS_ID)
     return out[0, len(prompt) :].tolist()
 
@@ -123,14 +123,17 @@ def generations(model, tokenizer, dataset, *, compare_base: bool) -> list[dict[s
         if split is None:
             continue
         prompt, reference = split
+        # Twice the reference's length (plus slack) shows whether an answer stops or runs on, without
+        # paying for hundreds of tokens of a base model that never stops.
+        budget = min(MAX_GENERATION_TOKENS, 2 * len(reference) + 32)
         row = {
             "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
             "reference": tokenizer.decode(reference, skip_special_tokens=True),
-            "answer": tokenizer.decode(_greedy(model, prompt), skip_special_tokens=True),
+            "answer": tokenizer.decode(_greedy(model, prompt, budget), skip_special_tokens=True),
         }
         if compare_base:
             with model.disable_adapter():
-                row["base_answer"] = tokenizer.decode(_greedy(model, prompt), skip_special_tokens=True)
+                row["base_answer"] = tokenizer.decode(_greedy(model, prompt, budget), skip_special_tokens=True)
         found.append(row)
     return found
 
