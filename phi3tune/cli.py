@@ -42,6 +42,9 @@ def _run(action: Callable[[], T]) -> T:
     from phi3tune.resources import translate_resource_error
 
     logging.basicConfig(level=logging.DEBUG if _debug() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars clutter the output; our commands report progress
     try:
         return action()
     except Phi3TuneError as exc:
