@@ -25,16 +25,18 @@ import yaml
 from rich.console import Console
 
 from phi3tune import modeling
-from phi3tune.errors import UsageError
+from phi3tune.errors import ResourceError, TrainingInterrupted, UsageError
 from phi3tune.callbacks import MetricsFileCallback, ProgressCallback
 from phi3tune.checkpoints import (
     CHECKPOINTS_DIR,
     atomic_write_json,
     atomic_write_text,
+    check_output_dir,
+    create_output_dir,
     latest_complete_checkpoint,
-    prepare_output_dir,
     remove_incomplete_checkpoints,
 )
+from phi3tune.signals import StopOnSignalCallback, graceful_stop
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,22 @@ def _loss_range(metrics_path: Path) -> tuple[float | None, float | None, float |
     return (losses[0] if losses else None, losses[-1] if losses else None, rate)
 
 
+def _interrupted(trainer, stop, cfg, output_dir: Path) -> TrainingInterrupted:
+    """After a SIGINT/SIGTERM: make sure the current step is checkpointed, then say how to resume."""
+    step = trainer.state.global_step
+    checkpoint = latest_complete_checkpoint(output_dir / CHECKPOINTS_DIR)
+    if step > 0 and (checkpoint is None or checkpoint.name != f"checkpoint-{step}"):
+        trainer._save_checkpoint(trainer.model, None)  # the signal came after the last step ended
+        checkpoint = latest_complete_checkpoint(output_dir / CHECKPOINTS_DIR)
+    config = cfg.source or "CONFIG"
+    where = f"complete checkpoint saved: {checkpoint}" if checkpoint else "no step had finished; nothing to resume"
+    return TrainingInterrupted(
+        f"{stop.name}: training stopped at step {step}/{trainer.state.max_steps}; {where}.",
+        exit_code=stop.exit_code,
+        hint=f"resume with: phi3tune train {config} --output-dir {output_dir} --resume (plus the same --set options)",
+    )
+
+
 def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> TrainSummary:
     """Train a LoRA/QLoRA adapter as described by ``cfg`` (a validated RunConfig)."""
     from transformers import PrinterCallback, set_seed
@@ -167,19 +185,19 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
 
     hf_logging.disable_progress_bar()  # our own progress display is the only one
 
-    # 1. Output directory: refuse to clobber anything, find the checkpoint to resume.
-    output_dir = prepare_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite, config_path=cfg.source)
+    # 1. Output directory: refuse to clobber anything. Checked now, created (or emptied) only once data and
+    #    model have loaded, so a run that fails validation leaves the directory as it was.
+    output_dir = check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite, config_path=cfg.source)
     checkpoints_root = output_dir / CHECKPOINTS_DIR
-    resume_from = None
-    if resume:
-        for path in remove_incomplete_checkpoints(checkpoints_root):
-            console.print(f"[yellow]removed incomplete checkpoint {path.name}")
-        resume_from = latest_complete_checkpoint(checkpoints_root)
-        console.print(f"resuming from {resume_from}" if resume_from else "[yellow]no complete checkpoint: starting over")
 
     # 2. Device, dtype, attention, seed.
     device = modeling.device_type()
     dtype = modeling.resolve_dtype(cfg.model.dtype, device, cfg.model.quantization)
+    if cfg.model.quantization and device != "cuda":
+        raise ResourceError(
+            f"model.quantization: {cfg.model.quantization} (QLoRA) needs a CUDA GPU and none is visible.",
+            hint="run on a GPU machine, or --set model.quantization=null to train LoRA in bf16/fp32.",
+        )
     attn = resolve_attention(cfg.model.attn_implementation, device)
     seed = int(cfg.training_config.get("seed", 42))
     set_seed(seed)
@@ -201,6 +219,13 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
     for note in speed_notes:
         console.print(note)
     model = modeling.load_model(cfg.model, dtype=dtype, attn_implementation=attn, device=device, seed=seed)
+    create_output_dir(output_dir, overwrite=overwrite)
+    resume_from = None
+    if resume:
+        for path in remove_incomplete_checkpoints(checkpoints_root):
+            console.print(f"[yellow]removed incomplete checkpoint {path.name}")
+        resume_from = latest_complete_checkpoint(checkpoints_root)
+        console.print(f"resuming from {resume_from}" if resume_from else "[yellow]no complete checkpoint: starting over")
     base_model_path = None
     if cfg.model.random_init is not None:
         base_dir = output_dir / BASE_MODEL_DIR
@@ -232,10 +257,15 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows them instead
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     console.print(f"trainable LoRA parameters: {trainable:,}")
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with graceful_stop() as stop:
+        trainer.add_callback(StopOnSignalCallback(stop, console))
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stop.requested:
+        raise _interrupted(trainer, stop, cfg, output_dir)
 
-    # 7. Adapter, eval metrics, report.
+    # 7. Adapter (never with non-finite weights), eval metrics, report.
     adapter_dir = output_dir / ADAPTER_DIR
+    trainer.check_finite_weights()
     save_adapter(trainer, tokenizer, adapter_dir, base_model_path)
     eval_metrics: dict[str, Any] = {}
     if data.eval is not None:

@@ -94,3 +94,11 @@ def test_non_empty_output_dir_is_refused(trained_run: Path) -> None:
     result = run_cli("train", str(TINY_CONFIG), "--output-dir", str(trained_run))
     assert result.returncode == 2
     assert "not empty" in result.stderr and "--resume" in result.stderr
+
+
+def test_qlora_without_a_gpu_is_a_resource_error(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: QLoRA can run here")
+    result = run_cli("train", "configs/qlora.yaml", "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "CUDA GPU" in result.stderr and "Traceback" not in result.stderr
