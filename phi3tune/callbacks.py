@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
+from phi3tune.checkpoints import atomic_write_text
+
 _KEEP = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "entropy")
 
 
@@ -20,6 +22,26 @@ def _finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows logged after ``last_step``: a resumed run repeats them, so the file reads as one clean run.
+
+    Called when training begins: ``last_step`` is the step resumed from (0 for a fresh start).
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill mid-write
+            continue
+        if int(row.get("step", 0)) <= last_step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -38,6 +60,8 @@ class MetricsFileCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time = time.perf_counter()
         self._last_tokens = None
+        if state.is_world_process_zero:
+            truncate_metrics(self.path, state.global_step)
 
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
         if not logs or not state.is_world_process_zero:

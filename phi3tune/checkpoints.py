@@ -21,13 +21,20 @@ CHECKPOINTS_DIR = "checkpoints"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-def prepare_output_dir(
+def check_output_dir(
     output_dir: Path | None, *, resume: bool, overwrite: bool, config_path: Path | None = None
 ) -> Path:
-    """Validate and create the run's output directory according to DESIGN.md §3.
+    """Validate the run's output directory according to DESIGN.md §3, touching nothing.
 
     Refuses the current directory, the home directory, the config's own directory, a file, and any
-    non-empty directory unless ``resume`` or ``overwrite`` is given.
+    non-empty directory unless ``resume`` or ``overwrite`` is given. Nothing is created or removed here, so
+    a run that fails validation later leaves the directory exactly as it was.
+
+    Returns:
+        The resolved directory.
+
+    Raises:
+        UsageError: The directory is not acceptable for this run.
     """
     if output_dir is None:
         raise UsageError(
@@ -49,9 +56,7 @@ def prepare_output_dir(
     if path.exists() and not path.is_dir():
         raise UsageError(f"output directory {path} is a file.", hint="choose another --output-dir.")
     if path.is_dir() and any(path.iterdir()):
-        if overwrite:
-            shutil.rmtree(path)
-        elif not resume:
+        if not (overwrite or resume):
             raise UsageError(
                 f"output directory {path} is not empty.",
                 hint="pass --resume to continue its newest complete checkpoint, --overwrite to replace it, "
@@ -59,8 +64,23 @@ def prepare_output_dir(
             )
     elif resume:
         raise UsageError(f"--resume: {path} holds no run to resume.", hint="drop --resume to start a new run.")
+    return path
+
+
+def create_output_dir(path: Path, *, overwrite: bool) -> Path:
+    """Create (or, with ``overwrite``, empty) a directory that ``check_output_dir`` accepted."""
+    if overwrite and path.is_dir():
+        shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def prepare_output_dir(
+    output_dir: Path | None, *, resume: bool, overwrite: bool, config_path: Path | None = None
+) -> Path:
+    """``check_output_dir`` then ``create_output_dir`` in one call."""
+    path = check_output_dir(output_dir, resume=resume, overwrite=overwrite, config_path=config_path)
+    return create_output_dir(path, overwrite=overwrite)
 
 
 def mark_complete(checkpoint_dir: Path, step: int) -> None:

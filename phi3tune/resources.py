@@ -60,3 +60,18 @@ def oom_guard(cfg: Any) -> Iterator[None]:
         if translated is None:
             raise
         raise translated from exc
+
+
+def nonfinite_hints(args: Any) -> list[str]:
+    """Next steps after a NaN/inf loss or gradient, naming the values the run used (SFTConfig ``args``)."""
+    lr = float(getattr(args, "learning_rate", 0.0) or 0.0)
+    hints = []
+    if lr > 0:
+        hints.append(f"lower the learning rate: --set training_config.learning_rate={lr / 4:.2g} (now {lr:.2g})")
+    max_grad_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
+    if max_grad_norm <= 0 or max_grad_norm > 1.0:
+        hints.append(f"clip gradients: --set training_config.max_grad_norm=1.0 (now {max_grad_norm:g})")
+    if getattr(args, "fp16", False):
+        hints.append("fp16 overflows easily; use bf16: --set training_config.fp16=false --set training_config.bf16=true")
+    hints.append("check the data for empty, huge or garbled rows: phi3tune data check CONFIG")
+    return hints

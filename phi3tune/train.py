@@ -25,7 +25,7 @@ import yaml
 from rich.console import Console
 
 from phi3tune import modeling
-from phi3tune.errors import ResourceError, TrainingInterrupted, UsageError
+from phi3tune.errors import ResourceError, UsageError
 from phi3tune.callbacks import MetricsFileCallback, ProgressCallback
 from phi3tune.checkpoints import (
     CHECKPOINTS_DIR,
@@ -36,7 +36,7 @@ from phi3tune.checkpoints import (
     latest_complete_checkpoint,
     remove_incomplete_checkpoints,
 )
-from phi3tune.signals import StopOnSignalCallback, graceful_stop
+from phi3tune.signals import StopOnSignalCallback, graceful_stop, interrupted_error
 
 log = logging.getLogger(__name__)
 
@@ -155,22 +155,6 @@ def _loss_range(metrics_path: Path) -> tuple[float | None, float | None, float |
     return (losses[0] if losses else None, losses[-1] if losses else None, rate)
 
 
-def _interrupted(trainer, stop, cfg, output_dir: Path) -> TrainingInterrupted:
-    """After a SIGINT/SIGTERM: make sure the current step is checkpointed, then say how to resume."""
-    step = trainer.state.global_step
-    checkpoint = latest_complete_checkpoint(output_dir / CHECKPOINTS_DIR)
-    if step > 0 and (checkpoint is None or checkpoint.name != f"checkpoint-{step}"):
-        trainer._save_checkpoint(trainer.model, None)  # the signal came after the last step ended
-        checkpoint = latest_complete_checkpoint(output_dir / CHECKPOINTS_DIR)
-    config = cfg.source or "CONFIG"
-    where = f"complete checkpoint saved: {checkpoint}" if checkpoint else "no step had finished; nothing to resume"
-    return TrainingInterrupted(
-        f"{stop.name}: training stopped at step {step}/{trainer.state.max_steps}; {where}.",
-        exit_code=stop.exit_code,
-        hint=f"resume with: phi3tune train {config} --output-dir {output_dir} --resume (plus the same --set options)",
-    )
-
-
 def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> TrainSummary:
     """Train a LoRA/QLoRA adapter as described by ``cfg`` (a validated RunConfig)."""
     from transformers import PrinterCallback, set_seed
@@ -261,7 +245,7 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
         trainer.add_callback(StopOnSignalCallback(stop, console))
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stop.requested:
-        raise _interrupted(trainer, stop, cfg, output_dir)
+        raise interrupted_error(trainer, stop, cfg.source, output_dir / CHECKPOINTS_DIR)
 
     # 7. Adapter (never with non-finite weights), eval metrics, report.
     adapter_dir = output_dir / ADAPTER_DIR
