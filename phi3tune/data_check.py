@@ -7,6 +7,7 @@ renders a few samples with the trained tokens highlighted.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,47 @@ def run_data_check(target: Path, tokenizer: Any, data_cfg: Any, max_length: int,
         console.print(f"eval: {eval_fraction:.0%} of the valid training rows (data.eval_fraction)")
     console.rule("[red]data check failed[/]" if fatal else "[green]data check passed[/]")
     return 2 if fatal else 0
+
+
+def _trainer_default_max_length() -> int:
+    """trl's SFTConfig default (1024 in trl 1.16): what a config without training_config.max_length trains with."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    return next(int(f.default) for f in dataclasses.fields(SFTConfig) if f.name == "max_length")
+
+
+def check_target(target: Path, set_: list[str], console: Console) -> int:
+    """``phi3tune data check TARGET``: the report for a config's data, or for a bare data file.
+
+    Args:
+        target: A config YAML (its ``data`` section and model's tokenizer are used) or a data file (checked
+            as ``data.train`` with default settings and the Phi-3 tokenizer).
+        set_: ``--set`` overrides, e.g. ``data.on_invalid=skip`` or ``training_config.max_length=512``.
+        console: Where the report goes.
+
+    Returns:
+        The exit code of ``run_data_check``: 2 when training would stop on this data, else 0.
+
+    Raises:
+        ConfigError: The config (or an override) is invalid.
+        DataError: The target does not exist or its data cannot be read.
+    """
+    from phi3tune.config import load_config
+    from phi3tune.errors import DataError
+    from phi3tune.modeling import load_tokenizer
+
+    target = Path(target)
+    if not target.is_file():
+        raise DataError(f"{target}: no such file.", hint="pass a config YAML or a .jsonl/.json/.csv/.parquet file.")
+    if target.suffix.lower() in (".yaml", ".yml"):
+        cfg = load_config(target, list(set_))
+    else:
+        # A bare data file is checked as the train data of an otherwise default config.
+        cfg = load_config(None, [f"data.train.path={json.dumps(str(target.resolve()))}", *set_])
+    for warning in cfg.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    max_length = int(cfg.training_config.get("max_length") or _trainer_default_max_length())
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.token)
+    return run_data_check(target, tokenizer, cfg.data, max_length, console)
