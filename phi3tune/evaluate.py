@@ -260,5 +260,6 @@ def run_eval(run_or_adapter: Path, *, config: Path | None = None, data: Path | N
 
     print_table(result, console)
     kept = " (training-time metrics kept under 'training_eval')" if previous is not None else ""
-    console.print(f"data: {source}", highlight=False)
-    console.print(f"wrote {output}{kept} and {gen_path.name} ({len(samples)} generations)", highlight=False)
+    console.print(f"data: {source}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {output}{kept} and {gen_path.name} ({len(samples)} generations)",
+                  highlight=False, soft_wrap=True)

@@ -8,6 +8,8 @@ run, finished or interrupted.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -17,6 +19,8 @@ from typing import Any
 from rich.console import Console
 
 from phi3tune.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 REPORT_FILE = "train_report.png"
 METRICS_FILE = "metrics.jsonl"
@@ -37,7 +41,7 @@ class RunMetrics:
 
 def _number(value: Any) -> float | None:
     # bool is an int subclass; null (non-finite at write time) and strings are not plottable either.
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf"):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
 
@@ -128,22 +132,25 @@ def plot_report(metrics: RunMetrics, path: Path, title: str) -> Path:
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write ``RUN_DIR/train_report.png`` from the run's metrics.jsonl (called at the end of training).
+    """Write ``RUN_DIR/train_report.png`` at the end of training; never fails the run.
+
+    A finished training must not exit with an error because a plot could not be drawn (a full disk, a
+    broken font cache): problems are logged as a warning and ``phi3tune report`` can redraw it later.
 
     Args:
         run_dir: The run's output directory.
 
     Returns:
-        The PNG's path.
-
-    Raises:
-        UsageError: ``run_dir`` is not a directory.
+        The PNG's path (which may be missing when drawing failed).
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UsageError(f"{run_dir} is not a directory.", hint="give a run's output directory.")
-    metrics = read_metrics(run_dir / METRICS_FILE)
-    return plot_report(metrics, run_dir / REPORT_FILE, title=run_dir.resolve().name)
+    path = run_dir / REPORT_FILE
+    try:
+        plot_report(read_metrics(run_dir / METRICS_FILE), path, title=run_dir.resolve().name)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning("could not draw %s (%s: %s); run `phi3tune report %s` to retry", path, type(exc).__name__,
+                    exc, run_dir)
+    return path
 
 
 def summary_lines(run_dir: Path, metrics: RunMetrics) -> list[str]:
@@ -190,12 +197,15 @@ def run_report(run_dir: Path, *, console: Console | None = None) -> None:
     """
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is not a directory.", hint="give a run's output directory.")
     if not (run_dir / METRICS_FILE).is_file():
         raise UsageError(
             f"{run_dir} has no {METRICS_FILE}; it is not a phi3tune run (or it logged nothing yet).",
             hint="give the output directory of `phi3tune train`.",
         )
-    png = write_report(run_dir)
-    for line in summary_lines(run_dir, read_metrics(run_dir / METRICS_FILE)):
+    metrics = read_metrics(run_dir / METRICS_FILE)
+    png = plot_report(metrics, run_dir / REPORT_FILE, title=run_dir.resolve().name)
+    for line in summary_lines(run_dir, metrics):
         console.print(line, highlight=False)
     console.print(f"wrote {png}", highlight=False)

@@ -109,3 +109,17 @@ def test_report_for_a_run_that_logged_nothing_yet(tmp_path: Path) -> None:
     assert runner.invoke(app, ["report", str(tmp_path)]).exit_code == 0
     assert (tmp_path / "train_report.png").is_file()
     assert runner.invoke(app, ["report", str(tmp_path / "nope")]).exit_code == 2
+
+
+def test_write_report_never_fails_a_finished_training(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Training calls write_report last: a plotting error must be a warning, not a failed run."""
+    from phi3tune import report
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "plot_report", broken)
+    assert report.write_report(tmp_path) == tmp_path / "train_report.png"
+    assert "disk full" in caplog.text
