@@ -123,7 +123,7 @@ def write_run_config(cfg, output_dir: Path, *, device: str, attn: str, dtype: to
         "output_dir": str(output_dir),
     }
     resolved["versions"] = _library_versions()
-    resolved["data"] = data_info
+    resolved["data_report"] = data_info
     atomic_write_text(output_dir / "run_config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
 
 

@@ -70,7 +70,7 @@ def test_run_config_records_resolved_settings(trained_run: Path) -> None:
     cfg = yaml.safe_load((trained_run / "run_config.yaml").read_text())
     assert cfg["versions"]["trl"] and cfg["versions"]["peft"]
     assert cfg["resolved"]["device"] == "cpu"
-    assert cfg["data"]
+    assert cfg["data"]["train"] and cfg["data_report"]["fingerprint"]
 
 
 def test_dry_run_of_the_gpu_recipe_prints_the_plan_without_weights(tmp_path: Path) -> None:
