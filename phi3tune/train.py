@@ -133,10 +133,7 @@ def save_adapter(trainer, tokenizer, adapter_dir: Path, base_model_path: str | N
     if base_model_path is not None:
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = base_model_path
-    with warnings.catch_warnings():
-        # peft looks for the base's config on the hub to detect vocabulary changes; ours is fixed and offline is fine.
-        warnings.filterwarnings("ignore", message="Could not find a config file")
-        model.save_pretrained(adapter_dir, safe_serialization=True)
+    model.save_pretrained(adapter_dir, safe_serialization=True)
     tokenizer.save_pretrained(adapter_dir)
     modeling.phi3_generation_config(model.config).save_pretrained(adapter_dir)
 
@@ -168,6 +165,9 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress display is the only one
+    # peft looks for the base's config on the hub to detect vocabulary changes at every save; the vocabulary
+    # is fixed here, and saying so at each checkpoint of an offline run is noise.
+    warnings.filterwarnings("ignore", message="Could not find a config file", module="peft")
 
     # 1. Output directory: refuse to clobber anything. Checked now, created (or emptied) only once data and
     #    model have loaded, so a run that fails validation leaves the directory as it was.
