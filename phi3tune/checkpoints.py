@@ -138,3 +138,38 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+_COMPARED_SECTIONS = ("model", "data", "training_config", "peft_config")
+# Keys whose change cannot alter the trajectory being resumed.
+_IGNORED_ON_RESUME = {"training_config.output_dir", "model.token"}
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: node}
+
+
+def resume_changes(previous_run_config: Path, current: dict[str, Any], data_fingerprint: str | None) -> list[str]:
+    """What differs between the run being resumed (its run_config.yaml) and this one, one line per key.
+
+    A resumed run equals an uninterrupted one only with the same config and data; a changed value (say a
+    longer ``max_steps``) may be on purpose, so the caller warns rather than refuses.
+    """
+    import yaml
+
+    if not previous_run_config.is_file():
+        return []
+    before = yaml.safe_load(previous_run_config.read_text(encoding="utf-8")) or {}
+    old = _flatten({k: before.get(k) for k in _COMPARED_SECTIONS})
+    new = _flatten({k: current.get(k) for k in _COMPARED_SECTIONS})
+    changes = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+               if key not in _IGNORED_ON_RESUME and old.get(key) != new.get(key)]  # fmt: skip
+    old_fingerprint = (before.get("data_report") or {}).get("fingerprint")
+    if old_fingerprint and data_fingerprint and old_fingerprint != data_fingerprint:
+        changes.append("the training data changed (fingerprint differs): batches will not replay the same rows")
+    return changes

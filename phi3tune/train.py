@@ -35,6 +35,7 @@ from phi3tune.checkpoints import (
     create_output_dir,
     latest_complete_checkpoint,
     remove_incomplete_checkpoints,
+    resume_changes,
 )
 from phi3tune.signals import StopOnSignalCallback, graceful_stop, interrupted_error
 
@@ -224,6 +225,10 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
         )
 
     # 6. The loop: trl's SFTTrainer with our checkpointing, metrics file and progress display.
+    if resume_from:
+        data_fingerprint = data.report.to_dict().get("fingerprint")
+        for change in resume_changes(output_dir / "run_config.yaml", cfg.to_dict(redact_secrets=True), data_fingerprint):
+            console.print(f"[yellow]warning:[/] resuming with a changed setting: {change}", highlight=False)
     write_run_config(cfg, output_dir, device=device, attn=attn, dtype=dtype, data_info=data.report.to_dict())
     metrics_path = output_dir / "metrics.jsonl"
     try:

@@ -73,6 +73,7 @@ def test_sigint_mid_epoch_saves_and_resume_matches_straight_run(
     result = cli(train_args(train_file, out, "--resume"))
     assert result.exit_code == 0, result.output
     assert "resuming from" in result.output and "checkpoint-5" in result.output
+    assert "changed setting" not in result.output
     assert_same_losses(losses(out), losses(straight))
     # metrics.jsonl reads as one clean run: one row per step, cumulative tokens continue across the resume.
     rows, reference = metrics_rows(out), metrics_rows(straight)
@@ -189,3 +190,13 @@ def test_resume_with_lora_dropout_replays_the_same_dropout_masks(
     monkeypatch.undo()
     assert cli(train_args(train_file, out, "--resume", lora_dropout=0.3)).exit_code == 0
     assert_same_losses(losses(out), losses(reference))
+
+
+def test_resume_with_a_changed_config_says_what_changed(straight: Path, train_file: Path, tmp_path: Path) -> None:
+    """Extending a finished run is allowed, but a resumed run only equals a straight one with the same config."""
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    result = cli(train_args(train_file, out, "--resume", "--set", f"training_config.max_steps={MAX_STEPS + 1}"))
+    assert result.exit_code == 0, result.output
+    assert f"changed setting: training_config.max_steps: {MAX_STEPS} -> {MAX_STEPS + 1}" in result.output
+    assert max(losses(out)) == MAX_STEPS + 1
