@@ -3,7 +3,7 @@
 Schedulers (SLURM, Kubernetes, spot instances) send SIGTERM and wait a grace period; a Ctrl-C is a SIGINT.
 The handler only sets a flag (nothing else is safe inside a signal handler); ``StopOnSignalCallback`` turns
 the flag into ``should_save`` + ``should_training_stop`` at the next optimizer-step end. A second signal
-aborts at once — the atomic checkpoint writes keep whatever was saved before intact.
+aborts at once (``TrainingInterrupted``) — the atomic checkpoint writes keep what was saved before intact.
 """
 
 from __future__ import annotations
@@ -56,8 +56,12 @@ def graceful_stop() -> Iterator[StopRequest]:
     previous = {sig: signal.getsignal(sig) for sig in _HANDLED}
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        if request.requested:  # the user insists: stop now, like the default handlers would
-            raise KeyboardInterrupt
+        if request.requested:  # the user insists: stop now; atomic saves keep the last checkpoint whole
+            raise TrainingInterrupted(
+                f"{signal.Signals(signum).name} again: stopped at once, without saving the current step.",
+                exit_code=128 + signum,
+                hint="the newest complete checkpoint is intact; --resume continues from it.",
+            )
         request.signum = signum
 
     for sig in _HANDLED:

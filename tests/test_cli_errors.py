@@ -97,7 +97,7 @@ def test_bad_config_or_data_exits_2_with_one_message(
         assert name in result.stderr, (name, result.stderr)
 
 
-def test_failed_validation_creates_no_output_dir(results: dict, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_failed_validation_creates_no_output_dir(results: dict) -> None:
     roots = {Path(r.args[r.args.index("--output-dir") + 1]).parent for r in results.values() if "--output-dir" in r.args}
     assert roots and not any((root / "never").exists() for root in roots)
 

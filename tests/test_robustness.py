@@ -70,3 +70,46 @@ def test_cuda_out_of_memory_exits_3_with_hints_from_the_config(
     assert "max_length=512 (now 1024)" in text
     assert "gradient_checkpointing=true (now off)" in text
     assert "model.quantization=4bit" in text
+
+
+def test_safe_state_round_trips_trainer_state_without_pickle(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    from phi3tune.safe_state import UnsafeStateError, load_state, save_state
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), betas=(0.9, 0.95))
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "python": random.getstate(), "numpy": np.random.get_state(),
+             "cpu": torch.random.get_rng_state()}  # fmt: skip
+    save_state(state, tmp_path, "state")
+    back = load_state(tmp_path, "state")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.safetensors"]
+    assert back["python"] == state["python"] and torch.equal(back["cpu"], state["cpu"])
+    assert back["numpy"][0] == "MT19937" and (back["numpy"][1] == state["numpy"][1]).all()
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]  # int keys, tuples kept
+    restored = torch.optim.AdamW(model.parameters())
+    restored.load_state_dict(back["optimizer"])
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(restored.state_dict()["state"][0][key], state["optimizer"]["state"][0][key])
+    with pytest.raises(UnsafeStateError, match="function"):
+        save_state({"lr_lambda": lambda step: 1.0}, tmp_path, "bad")
+
+
+def test_a_second_signal_aborts_at_once_with_its_exit_code() -> None:
+    import os
+    import signal
+
+    from phi3tune.errors import TrainingInterrupted
+    from phi3tune.signals import graceful_stop
+
+    with graceful_stop() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.exit_code == 143
+        with pytest.raises(TrainingInterrupted) as again:
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert again.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
