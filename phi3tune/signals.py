@@ -91,6 +91,8 @@ class StopOnSignalCallback(TrainerCallback):
                 self._announced = True
             control.should_save = True
             control.should_training_stop = True
+            # Save first: a scheduler's grace period (often 30 s) is no time for an evaluation pass.
+            control.should_evaluate = False
         return control
 
 
