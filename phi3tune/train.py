@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -134,9 +136,15 @@ def save_adapter(trainer, tokenizer, adapter_dir: Path, base_model_path: str | N
     if base_model_path is not None:
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = base_model_path
-    model.save_pretrained(adapter_dir, safe_serialization=True)
-    tokenizer.save_pretrained(adapter_dir)
-    modeling.phi3_generation_config(model.config).save_pretrained(adapter_dir)
+    # Written beside and renamed into place: a crash mid-save never leaves a half adapter that loads.
+    staging = adapter_dir.with_name(f".tmp-{adapter_dir.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    modeling.phi3_generation_config(model.config).save_pretrained(staging)
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    os.replace(staging, adapter_dir)
 
 
 def _loss_range(metrics_path: Path) -> tuple[float | None, float | None, float | None]:
