@@ -29,7 +29,7 @@ def print_plan(cfg: Any, console: Console) -> None:
     tc = cfg.training_config
     batch = int(tc.get("per_device_train_batch_size", 8))
     accum = int(tc.get("gradient_accumulation_steps", 1))
-    from phi3tune.train import resolve_attention
+    from phi3tune.speed import resolve_attn_implementation
 
     table = Table(title="phi3tune: dry run (nothing loaded, nothing written)", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -38,7 +38,7 @@ def print_plan(cfg: Any, console: Console) -> None:
     init = " (random init)" if cfg.model.random_init is not None else ""
     table.add_row("model", f"{cfg.model.name_or_path}{init}: {size} parameters, {model_config.num_hidden_layers} layers")
     table.add_row("device", f"{device}, {str(dtype).replace('torch.', '')}, attention "
-                  f"{resolve_attention(cfg.model.attn_implementation, device)}"
+                  f"{resolve_attn_implementation(cfg.model.attn_implementation, device)}"
                   + (f", {cfg.model.quantization} quantized" if cfg.model.quantization else ""))
     table.add_row("method", f"LoRA r={lora.r} alpha={lora.lora_alpha} dropout={lora.lora_dropout}")
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(sorted(lora.target_modules))

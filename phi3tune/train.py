@@ -28,6 +28,8 @@ from rich.console import Console
 
 from phi3tune import modeling
 from phi3tune.errors import ResourceError, UsageError
+from phi3tune.report import write_report
+from phi3tune.speed import apply_fast_path, resolve_attn_implementation
 from phi3tune.callbacks import MetricsFileCallback, ProgressCallback
 from phi3tune.checkpoints import (
     CHECKPOINTS_DIR,
@@ -78,31 +80,12 @@ def _library_versions() -> dict[str, str]:
     }
 
 
-def resolve_attention(requested: str, device: str) -> str:
-    """The attention implementation to load the model with (``auto`` = fastest really available)."""
-    try:
-        from phi3tune.speed import resolve_attn_implementation
-    except ImportError:
-        resolve_attn_implementation = None
-    if resolve_attn_implementation is not None:
-        return resolve_attn_implementation(requested, device)
-    if requested != "auto":
-        return requested
-    return "sdpa"
-
-
 def build_training_args(cfg, output_dir: Path, device: str, dtype: torch.dtype) -> tuple[dict[str, Any], list[str]]:
     """SFTConfig keyword arguments: the user's training_config, adjusted to the device and phi3tune's layout."""
     from phi3tune.config import finalize_training_args
 
     args = finalize_training_args(dict(cfg.training_config), device_type=device, model_dtype=dtype)
-    notes: list[str] = []
-    try:
-        from phi3tune.speed import apply_fast_path
-    except ImportError:
-        apply_fast_path = None
-    if apply_fast_path is not None:
-        args, notes = apply_fast_path(cfg.model, args, device)
+    args, notes = apply_fast_path(cfg.model, args, device)
     args["output_dir"] = str(output_dir / CHECKPOINTS_DIR)
     args.setdefault("report_to", "none")
     args["disable_tqdm"] = True  # our ProgressCallback replaces tqdm
@@ -191,7 +174,7 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
             f"model.quantization: {cfg.model.quantization} (QLoRA) needs a CUDA GPU and none is visible.",
             hint="run on a GPU machine, or --set model.quantization=null to train LoRA in bf16/fp32.",
         )
-    attn = resolve_attention(cfg.model.attn_implementation, device)
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, device)
     seed = int(cfg.training_config.get("seed", 42))
     set_seed(seed)
 
@@ -276,12 +259,7 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
             "n_tokens": int(sum(sum(1 for t in row if t != -100) for row in data.eval["labels"])),
         }
         atomic_write_json(output_dir / "eval_metrics.json", eval_metrics)
-    try:
-        from phi3tune.report import write_report
-    except ImportError:
-        write_report = None
-    if write_report is not None:
-        write_report(output_dir)
+    write_report(output_dir)
 
     first, last, rate = _loss_range(metrics_path)
     return TrainSummary(
