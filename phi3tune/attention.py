@@ -159,7 +159,7 @@ def _window(sliding_window: int | None, max_len: int) -> int:
     if sliding_window is None or sliding_window <= 0:
         return -1
     left = int(sliding_window) - 1
-    return -1 if left >= max_len else left
+    return -1 if left >= max_len - 1 else left  # no sample is long enough for the window to bite
 
 
 def reference_varlen_attention(

@@ -19,7 +19,8 @@ What it measures, in one run (each row in a fresh subprocess, same data, same ra
 Model: a randomly initialised full-size Phi-3-mini from the real config (saved once as a local base, so
 every row loads the same weights the ordinary from_pretrained way). Data: synthetic chats whose token
 lengths are lognormal (mean ~740, capped at 2048; fixed seed), tokenised by phi3tune's own data path.
-Reported: real (non-pad) tokens/s over the measured steps (warm-up excluded), peak GPU memory, the
+Reported: real (non-pad) tokens/s over the measured steps (warm-up and the final step, which carries the
+recipe's end-of-training work, excluded), peak GPU memory (max allocated), the
 ratio to `stock`, the GPU name. Writes bench.json in --out.
 """
 
@@ -235,7 +236,9 @@ def instrument(trainer_cls, meter: Meter) -> None:
 
 
 def summarise(meter: Meter, warmup: int) -> dict:
-    steady = meter.steps[warmup:]
+    # Warm-up steps and the final step are left out: the last optimizer step also carries the recipe's
+    # end-of-training work (final checkpoint, metrics flush), which is not throughput.
+    steady = meter.steps[warmup:-1] if len(meter.steps) > warmup + 1 else meter.steps[warmup:]
     secs = sum(s["seconds"] for s in steady)
     toks = sum(s["tokens"] for s in steady)
     padded = sum(s["padded"] for s in steady)
@@ -248,6 +251,7 @@ def summarise(meter: Meter, warmup: int) -> dict:
         "tokens_per_step": round(toks / max(1, len(steady))),
         "losses": [s.get("loss") for s in meter.steps],
         "step_seconds": [round(s["seconds"], 4) for s in meter.steps],
+        "step_tokens": [s["tokens"] for s in meter.steps],
     }
 
 
