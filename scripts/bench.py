@@ -73,12 +73,9 @@ ROWS: dict[str, dict] = {
 }
 # What phi3tune's default configs should say for the fast path: attn auto and packing on; activation
 # checkpointing off for LoRA (phi3tune/speed.py would choose it when the config leaves it out), on for QLoRA.
-RECIPE_DEFAULTS = {
-    "lora": ["model.attn_implementation=auto", "training_config.packing=true",
-             "training_config.gradient_checkpointing=false", "peft_config.lora_dropout=0.0"],
-    "qlora": ["model.attn_implementation=auto", "training_config.packing=true",
-              "training_config.gradient_checkpointing=true", "peft_config.lora_dropout=0.0"],
-}
+# The recipe rows run configs/*.yaml as shipped (attn auto: the fast path decides packing, micro-batch and
+# checkpointing); extra overrides for an experiment go here.
+RECIPE_DEFAULTS: dict[str, list[str]] = {}
 DEFAULT_ROWS = "stock,lora,qlora,abl-pack-sdpa-ckpt,abl-pack-varlen-ckpt,abl-pack-varlen,abl-fast,abl-fast-drop0,parity-fast,parity-plain"
 
 
