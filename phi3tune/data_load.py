@@ -182,7 +182,7 @@ def load_hub(hub: str, name: str | None = None, split: str | None = None, revisi
 
 def _hub_hint() -> str:
     return (
-        "check the dataset id and your network; gated datasets need `huggingface-cli login`; "
+        "check the dataset id and your network; gated datasets need `hf auth login`; "
         "offline (HF_HUB_OFFLINE=1) only cached datasets load — or point data.*.path at a local file"
     )
 

@@ -253,7 +253,10 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
     save_adapter(trainer, tokenizer, adapter_dir, base_model_path)
     eval_metrics: dict[str, Any] = {}
     if data.eval is not None:
-        raw = trainer.evaluate()
+        # The trainer may have just evaluated at the final step; a second pass over a large eval set costs minutes.
+        last = trainer.state.log_history[-2:] if trainer.state.log_history else []
+        raw = next((row for row in last if "eval_loss" in row and row.get("step") == trainer.state.global_step), None)
+        raw = raw or trainer.evaluate()
         loss = raw.get("eval_loss")
         eval_metrics = {
             "eval_loss": loss,
