@@ -156,7 +156,10 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
     started = time.perf_counter()
     from transformers.utils import logging as hf_logging
 
+    import datasets
+
     hf_logging.disable_progress_bar()  # our own progress display is the only one
+    datasets.disable_progress_bars()
     # peft looks for the base's config on the hub to detect vocabulary changes at every save; the vocabulary
     # is fixed here, and saying so at each checkpoint of an offline run is noise.
     warnings.filterwarnings("ignore", message="Could not find a config file", module="peft")
