@@ -32,6 +32,7 @@ API (called by the recipe, ``phi3tune/train.py``)
     ``model_cfg`` needs ``attn_implementation`` and ``quantization`` attributes (phi3tune's ModelConfig).
 
     * LoRA inputs stay bf16 under autocast (``patch_peft_input_cast``, process-wide, exact).
+    * opt-in only (``PHI3TUNE_LORA_FUSED=1``, unmeasured): the fused LoRA epilogue of ``phi3tune/lora_fused.py``.
 
 ``prepare_kbit_model(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=None) -> model``
     QLoRA preparation for the fast path, in place of ``peft.prepare_model_for_kbit_training``: freezes the
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import warnings
 from typing import Any
 
@@ -263,6 +265,13 @@ def apply_fast_path(
     if args.get("bf16") or args.get("fp16"):
         if patch_peft_input_cast():
             lines.append("fast path: LoRA inputs stay bf16 under autocast (no float32 copy per LoRA layer)")
+
+    # 5b. Opt-in, unmeasured (issue 5 lever #1): fused LoRA epilogue, only with PHI3TUNE_LORA_FUSED=1.
+    if os.environ.get("PHI3TUNE_LORA_FUSED") == "1":
+        from phi3tune.lora_fused import patch_lora_fused_epilogue
+
+        if patch_lora_fused_epilogue():
+            lines.append("fast path: fused LoRA epilogue (PHI3TUNE_LORA_FUSED=1; opt-in, not yet measured on a GPU)")
 
     # 6. Input pipeline: data are pre-tokenised; keep the GPU fed.
     choose("dataloader_pin_memory", True, "pinned host batches")

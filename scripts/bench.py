@@ -15,6 +15,8 @@ What it measures, in one run (each row in a fresh subprocess, same data, same ra
   abl-*   ablation rows, plain trl with one lever changed at a time (see ROWS)
   parity-fast / parity-plain   the fast path vs the plain path (sdpa over the same packed batches, no
           fused kernels), same seed and batches, per-step losses compared (>= 30 steps)
+  abl-fast-fused, lora-fused, parity-fused, abl-fast-compile*-noliger   prepared levers, not yet measured
+          (docs/benchmarks.md, "Prepared, not yet measured")
 
 Model: a randomly initialised full-size Phi-3-mini from the real config (saved once as a local base, so
 every row loads the same weights the ordinary from_pretrained way). Data: synthetic chats whose token
@@ -70,6 +72,19 @@ ROWS: dict[str, dict] = {
     "abl-fast-drop0-nocast": dict(BASE_FAST, lora_dropout=0.0, nocast=True),
     "parity-fast": dict(BASE_FAST, lr=2e-4, parity=True, lora_dropout=0.0, nocast=True),
     "parity-plain": dict(BASE_FAST, attn="sdpa", liger=False, lr=2e-4, parity=True, lora_dropout=0.0),
+    # Prepared, NOT yet measured (docs/benchmarks.md "Prepared, not yet measured"). Baseline for both levers:
+    # abl-fast-drop0-nocast (the shipped LoRA fast path in the plain trl loop, 20,192 tok/s).
+    # Lever #1, fused LoRA epilogue (phi3tune/lora_fused.py): one in-place addmm per LoRA linear.
+    "abl-fast-fused": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True),
+    "lora-fused": dict(via="recipe", config="configs/lora.yaml", env={"PHI3TUNE_LORA_FUSED": "1"}),
+    "parity-fused": dict(BASE_FAST, lr=2e-4, parity=True, lora_dropout=0.0, nocast=True, fused=True),
+    # Lever #2, launch gaps: torch.compile with Liger off (Liger's Triton kernels fell back inside the graph
+    # and inductor fuses RMSNorm/RoPE/SwiGLU itself): trl's whole-model compile, and per-decoder-layer compile.
+    "abl-fast-compile-noliger": dict(BASE_FAST, lora_dropout=0.0, nocast=True, liger=False, compile=True, steps=24, warmup=10),
+    "abl-fast-compile-layers-noliger": dict(BASE_FAST, lora_dropout=0.0, nocast=True, liger=False, compile_layers=True,
+                                            steps=24, warmup=10),  # fmt: skip
+    "abl-fast-compile-layers-noliger-fused": dict(BASE_FAST, lora_dropout=0.0, nocast=True, liger=False,
+                                                  compile_layers=True, fused=True, steps=24, warmup=10),  # fmt: skip
 }
 # What phi3tune's default configs should say for the fast path: attn auto and packing on; activation
 # checkpointing off for LoRA (phi3tune/speed.py would choose it when the config leaves it out), on for QLoRA.
@@ -344,6 +359,10 @@ def _run_trl(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
         from phi3tune.speed import patch_peft_input_cast
 
         patch_peft_input_cast()
+    if spec.get("fused"):
+        from phi3tune.lora_fused import patch_lora_fused_epilogue
+
+        patch_lora_fused_epilogue()
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=spec["lora_dropout"], target_modules="all-linear",
                       task_type="CAUSAL_LM", bias="none")  # fmt: skip
     callbacks = [meter.callback()]
@@ -359,8 +378,21 @@ def _run_trl(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
         return orig(model, inputs, *a, **kw)
 
     trainer.compute_loss = compute_loss
+    compiled = 0
+    if spec.get("compile_layers"):
+        # After SFTTrainer has wrapped the model with peft (and Liger, if on): compile each decoder layer on
+        # its own (same code for all 32, so one graph, reused), leaving the loss/LM head and the trl loop eager.
+        for module in trainer.model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                module.compile()
+                compiled += 1
     trainer.train()
-    return {"attn": model.config._attn_implementation, "via": "trl"}
+    out = {"attn": model.config._attn_implementation, "via": "trl", "compiled_layers": compiled}
+    if spec.get("fused"):
+        from phi3tune.lora_fused import is_patched
+
+        out["lora_fused"] = is_patched()
+    return out
 
 
 def _run_recipe(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
@@ -370,6 +402,8 @@ def _run_recipe(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
     instrument(ptrainer.Phi3Trainer, meter)
     from phi3tune.cli import app
 
+    # Opt-in switches read by the recipe (e.g. PHI3TUNE_LORA_FUSED): each row is its own subprocess.
+    os.environ.update(spec.get("env", {}))
     out_dir = Path(ctx["tmp"]) / spec["name"]
     sets = [
         f"model.name_or_path={ctx['base']}",
@@ -398,7 +432,12 @@ def _run_recipe(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
             raise
     log_lines = []
     rc = out_dir / "run_config.yaml"
-    return {"via": "recipe", "argv": argv, "run_config": rc.read_text() if rc.is_file() else None, "notes": log_lines}
+    result = {"via": "recipe", "argv": argv, "run_config": rc.read_text() if rc.is_file() else None, "notes": log_lines}
+    if spec.get("env"):
+        from phi3tune.lora_fused import is_patched
+
+        result["env"], result["lora_fused"] = spec["env"], is_patched()
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- probe
@@ -637,18 +676,21 @@ def main() -> None:
         (out / "bench.json").write_text(json.dumps({"gpu": gpu, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                                     "data": ctx["data_stats"], "args": vars(a), "rows": results}, indent=1))  # fmt: skip
 
-    fast = next((r for r in results if r["row"] == "parity-fast" and r.get("losses")), None)
     plain = next((r for r in results if r["row"] == "parity-plain" and r.get("losses")), None)
-    if fast and plain:
+    # Every parity-* row (parity-fast, parity-fused, ...) is compared with parity-plain; bench.json keeps
+    # "parity" for parity-fast, as before, and the others under "parity_<name>".
+    for fast in [r for r in results if r["row"].startswith("parity-") and r["row"] != "parity-plain" and r.get("losses")]:
+        if not plain:
+            break
         pairs = [(x, y) for x, y in zip(fast["losses"], plain["losses"]) if x is not None and y is not None]
         rel = [abs(x - y) / abs(y) for x, y in pairs]
         parity = {"steps": len(pairs), "max_rel_diff": max(rel) if rel else None,
                   "pass": bool(rel) and len(pairs) >= min(30, a.parity_steps) and max(rel) <= 0.01,
                   "fast": [x for x, _ in pairs], "plain": [y for _, y in pairs]}  # fmt: skip
-        print(f"parity: {parity['steps']} steps, max relative loss difference {parity['max_rel_diff']:.4%} -> "
-              f"{'PASS' if parity['pass'] else 'FAIL'}")  # fmt: skip
+        print(f"parity ({fast['row']} vs parity-plain): {parity['steps']} steps, max relative loss difference "
+              f"{parity['max_rel_diff']:.4%} -> {'PASS' if parity['pass'] else 'FAIL'}")  # fmt: skip
         data = json.loads((out / "bench.json").read_text())
-        data["parity"] = parity
+        data["parity" if fast["row"] == "parity-fast" else "parity_" + fast["row"].removeprefix("parity-")] = parity
         (out / "bench.json").write_text(json.dumps(data, indent=1))
 
 
