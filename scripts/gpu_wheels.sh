@@ -15,5 +15,19 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
   -d .whl "${pkgs[@]}"
+# The GPU image runs CUDA 13: keep bitsandbytes' cuda13x and cpu libraries only (43 MB -> ~9 MB), so the
+# carried tree stays under the device tool's 64 MiB.
+python3 - <<'PY'
+import glob, os, zipfile
+for path in glob.glob(".whl/bitsandbytes-*.whl"):
+    tmp = path + ".tmp"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            name = os.path.basename(item.filename)
+            if name.startswith("libbitsandbytes_") and not (name.startswith("libbitsandbytes_cuda13") or "cpu" in name):
+                continue
+            dst.writestr(item, src.read(item.filename))
+    os.replace(tmp, path)
+PY
 [ -d .hf-home ] || cp -r ../shared/hf-home .hf-home
 du -sh .whl .hf-home
