@@ -335,6 +335,11 @@ def prepare_kbit_model(model: Any, use_gradient_checkpointing: bool = True, grad
     if use_gradient_checkpointing:
         kwargs = dict(gradient_checkpointing_kwargs or {})
         kwargs.setdefault("use_reentrant", False)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # Like the Trainer: these two select layers / placement, the rest go to torch.utils.checkpoint.
+        every_n_layers = kwargs.pop("every_n_layers", 1)
+        offload = kwargs.pop("offload", False)
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
+        )
         model.enable_input_require_grads()
     return model

@@ -261,3 +261,19 @@ def test_cuda_varlen_kernel_matches_reference() -> None:  # pragma: no cover - G
         out = attention._run_kernel(q, k, v, cu, cu, max(lengths), max(lengths), 64**-0.5, window)
         ref = attention.reference_varlen_attention(q.float(), k.float(), v.float(), cu, 64**-0.5, window)
         assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_prepare_kbit_model_accepts_the_trainer_only_checkpointing_keys() -> None:
+    """Regression: every_n_layers/offload were forwarded to torch.utils.checkpoint, which rejects them."""
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from phi3tune.speed import prepare_kbit_model
+
+    config = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+    model = prepare_kbit_model(Phi3ForCausalLM(config), True, {"use_reentrant": False, "every_n_layers": 2})
+    model.train()
+    out = model(input_ids=torch.randint(0, 64, (1, 8)), labels=torch.randint(0, 64, (1, 8)))
+    assert torch.isfinite(out.loss)
+    assert all(not p.requires_grad for p in model.parameters())
