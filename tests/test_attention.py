@@ -264,7 +264,7 @@ def test_cuda_varlen_kernel_matches_reference() -> None:  # pragma: no cover - G
 
 
 def test_prepare_kbit_model_accepts_the_trainer_only_checkpointing_keys() -> None:
-    """Regression: every_n_layers/offload were forwarded to torch.utils.checkpoint, which rejects them."""
+    """Regression: every_n_layers was forwarded through torch.utils.checkpoint to the layers and ignored."""
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -277,3 +277,4 @@ def test_prepare_kbit_model_accepts_the_trainer_only_checkpointing_keys() -> Non
     out = model(input_ids=torch.randint(0, 64, (1, 8)), labels=torch.randint(0, 64, (1, 8)))
     assert torch.isfinite(out.loss)
     assert all(not p.requires_grad for p in model.parameters())
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False, True, False]
