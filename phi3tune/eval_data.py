@@ -8,7 +8,6 @@ The run's ``max_length``, ``loss_on``, ``format`` and ``system_prompt`` apply in
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +17,6 @@ from phi3tune.run_dir import Target
 
 DEFAULT_MAX_LENGTH = 1024  # train.py's fallback when training_config sets none
 DEFAULT_SEED = 42
-_FRACTION = re.compile(r"^(?P<path>.*) \(eval_fraction (?P<fraction>[0-9.eE+-]+)\)$")
 
 
 def _training_value(run_config: dict[str, Any], key: str, default: Any) -> Any:
@@ -27,33 +25,14 @@ def _training_value(run_config: dict[str, Any], key: str, default: Any) -> Any:
 
 
 def _data_config_from_run(run_config: dict[str, Any]):
-    """The run's data config, from run_config.yaml's ``data`` section.
-
-    run_config.yaml may hold the config's ``data`` section itself, or (older runs) only the data
-    report (sources and counts, under ``data`` or ``data_report``); the sources are then rebuilt from it.
-    """
+    """The run's data config, as recorded in run_config.yaml's ``data`` section."""
     from phi3tune.config_schema import DataConfig
 
     data = run_config.get("data") or {}
-    if isinstance(data.get("train"), (str, dict)) and "source" not in (data.get("train") or {}):
-        return DataConfig.model_validate(data)
-    report = data if "fingerprint" in data else (run_config.get("data_report") or {})
-    train = (report.get("train") or {}).get("source")
-    evaluation = (report.get("eval") or {}).get("source")
-    if not train or not evaluation:
+    if not data.get("eval") and not data.get("eval_fraction"):
         raise UsageError("the run has no eval data recorded in run_config.yaml.",
                          hint="pass --data FILE or --config CONFIG with data.eval.")
-    fields: dict[str, Any] = {"train": {"path": train}, "format": "auto"}
-    match = _FRACTION.match(evaluation)
-    if match:
-        fields["train"] = {"path": match["path"]}
-        fields["eval_fraction"] = float(match["fraction"])
-    else:
-        fields["eval"] = {"path": evaluation}
-    for key in ("format", "system_prompt", "on_invalid", "on_overlength", "loss_on"):
-        if key in data and not isinstance(data[key], dict):
-            fields[key] = data[key]
-    return DataConfig.model_validate(fields)
+    return DataConfig.model_validate(data)
 
 
 def _tokenise_file(path: Path, data_cfg: Any, tokenizer, max_length: int):

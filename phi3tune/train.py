@@ -11,7 +11,6 @@ demos and tests.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ from rich.console import Console
 
 from phi3tune import modeling
 from phi3tune.errors import ResourceError, UsageError
-from phi3tune.report import write_report
+from phi3tune.report import read_metrics, write_report
 from phi3tune.speed import apply_fast_path, prepare_kbit_model, resolve_attn_implementation
 from phi3tune.callbacks import MetricsFileCallback, ProgressCallback
 from phi3tune.checkpoints import (
@@ -128,20 +127,6 @@ def save_adapter(trainer, tokenizer, adapter_dir: Path, base_model_path: str | N
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
     os.replace(staging, adapter_dir)
-
-
-def _loss_range(metrics_path: Path) -> tuple[float | None, float | None, float | None]:
-    """First and last training loss, and the median tokens/s, read back from metrics.jsonl."""
-    losses, rates = [], []
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            row = json.loads(line)
-            if row.get("loss") is not None:
-                losses.append(row["loss"])
-            if row.get("tokens_per_second"):
-                rates.append(row["tokens_per_second"])
-    rate = sorted(rates)[len(rates) // 2] if rates else None
-    return (losses[0] if losses else None, losses[-1] if losses else None, rate)
 
 
 def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> TrainSummary:
@@ -271,14 +256,15 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
         atomic_write_json(output_dir / "eval_metrics.json", eval_metrics)
     write_report(output_dir)
 
-    first, last, rate = _loss_range(metrics_path)
+    metrics = read_metrics(metrics_path)
+    rates = sorted(metrics.tokens_per_second)
     return TrainSummary(
         output_dir=output_dir,
         adapter_dir=adapter_dir,
         steps=trainer.state.global_step,
-        first_loss=first,
-        final_loss=last,
+        first_loss=metrics.loss[0][1] if metrics.loss else None,
+        final_loss=metrics.loss[-1][1] if metrics.loss else None,
         eval_metrics=eval_metrics,
         seconds=time.perf_counter() - started,
-        tokens_per_second=rate,
+        tokens_per_second=rates[len(rates) // 2] if rates else None,
     )
