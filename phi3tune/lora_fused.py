@@ -1,28 +1,27 @@
-"""Fused LoRA epilogue: an opt-in patch of peft's ``lora.Linear.forward`` (issue 5, lever #1; NOT measured yet).
+"""Fused LoRA linear: a patch of peft's ``lora.Linear.forward`` for the fast path (issue 5).
 
-peft 0.21.2 computes a LoRA linear as ``result = base(x); result = result + lora_B(lora_A(x)) * scaling``:
-after the base GEMM, three more full-size passes over the ``[tokens, out_features]`` output in forward
-(lora_B's GEMM writes a new tensor, ``* scaling`` reads and writes it, ``+`` reads two and writes one) and a
-full-size ``* scaling`` in backward. With 128 LoRA layers at 8k tokens a step that is ~40 ms of a ~405 ms
-H100 step (docs/benchmarks.md, "Where the time goes").
+peft 0.21.2 computes a LoRA linear as ``result = base(x); result = result + lora_B(lora_A(x)) * scaling``.
+Besides the base GEMM that is three more full-size passes over the ``[tokens, out_features]`` output in
+forward (lora_B's GEMM writes a new tensor, ``* scaling`` reads and writes it, ``+`` reads two and writes
+one), a full-size ``* scaling`` of the gradient in backward, and a full-size add of the two input gradients
+(base and lora_A). With 128 LoRA linears at 8k tokens a step that is ~450 KB a token a layer, ~40 ms of a
+~405 ms H100 step (docs/benchmarks.md, "Where the time goes").
 
-Here the base output is updated in place by one GEMM whose epilogue does the scale and the add
-(``result.addmm_(h, B^T, alpha=scaling)``: cuBLAS reads and writes C once), and the backward is written by
-hand so that ``scaling`` is applied to the rank-r tensors only. Numbers: in float32 equal to peft's to
-rounding (tests/test_lora_fused.py); under bf16 autocast the sum is rounded once instead of three times.
+``_FusedLoraLinear`` computes the base and the adapter in one autograd function for a frozen base: the
+adapter's product is accumulated into the base output by the GEMM's epilogue (``addmm_``, beta=1), the
+input gradient likewise, and ``scaling`` only ever multiplies rank-r tensors. In float32 the numbers equal
+peft's to rounding (tests/test_lora_fused.py); under bf16 autocast the sum is rounded once instead of three
+times.
 
-Only the common case is fused; everything else runs peft's own forward unchanged:
-single active adapter, vanilla LoRA (no DoRA or other variant), not merged, adapters enabled, no
-``adapter_names``/extra kwargs, ``lora_dropout`` an identity (p=0, or the layer in eval mode), no LoRA bias,
-the base an exact ``torch.nn.Linear`` (its output is a fresh tensor nothing saved for backward: F.linear saves
-its inputs, not its output, so writing into it is safe), and the LoRA math in the output's dtype (bf16
-autocast with a bf16 base, or all weights in one dtype). QLoRA's ``peft.tuners.lora.bnb.Linear4bit`` is a
-separate class whose forward is not patched: QLoRA keeps peft's path.
+Only the common case is fused; everything else runs peft's own forward unchanged: single active adapter,
+vanilla LoRA (no DoRA or other variant), not merged, adapters enabled, no ``adapter_names``/extra kwargs,
+``lora_dropout`` an identity (p=0, or the layer in eval mode), no LoRA bias, the base an exact, frozen
+``torch.nn.Linear`` without hooks, and input and base weight in the compute dtype (bf16 autocast with a bf16
+base, or everything in one dtype). QLoRA's ``peft.tuners.lora.bnb.Linear4bit`` is a separate class whose
+forward is not patched: QLoRA keeps peft's path.
 
-API: ``patch_lora_fused_epilogue() -> bool``, ``unpatch_lora_fused_epilogue()``, ``is_patched() -> bool``.
-Process-wide and reversible. Off by default: ``phi3tune train`` applies it only when the environment sets
-``PHI3TUNE_LORA_FUSED=1`` on the fast path (``phi3tune/speed.py``), and ``scripts/bench.py`` row
-``abl-fast-fused`` turns it on, until an H100 measurement says it pays.
+API: ``patch_lora_fused() -> bool``, ``unpatch_lora_fused()``, ``is_patched() -> bool``. Process-wide and
+reversible; ``phi3tune/speed.py`` turns it on for the fast path.
 """
 
 from __future__ import annotations
@@ -35,47 +34,53 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-ENV_VAR = "PHI3TUNE_LORA_FUSED"
 
 _ORIGINAL_FORWARD: Any = None  # peft's Linear.forward while the patch is in place
 
 
-class _LoraEpilogue(torch.autograd.Function):
-    """``out = result + scaling * (h @ B^T)``, written into ``result`` when that is safe.
+class _FusedLoraLinear(torch.autograd.Function):
+    """``y = x @ W^T (+ bias) + scaling * (x @ A^T) @ B^T`` for a frozen base weight, in as few passes as possible.
 
-    ``result``: the base layer's output ``[..., out]``; ``h = lora_A(x)`` ``[..., r]``; ``weight_b``: lora_B's
-    weight ``[out, r]``, all three in one dtype. Backward: ``d result = g``, ``d h = scaling * g @ B``,
-    ``d B = scaling * g^T @ h`` — the scale lands on rank-r tensors, never on a full-size one.
+    Forward: the base GEMM writes ``y``; ``h = x @ A^T`` is rank-r; one ``addmm_`` adds ``scaling * h @ B^T``
+    into ``y`` inside the GEMM's epilogue (cuBLAS reads and writes ``y`` once). Backward: ``gh = scaling * g @ B``
+    (rank-r), ``dB = scaling * g^T @ h``, ``dA = gh^T @ x``, and ``dx = g @ W`` with ``gh @ A`` accumulated into it
+    by a second ``addmm_``. peft's path instead writes ``lora_B``'s output, scales it, adds it (3 more full-size
+    passes in forward), scales the full-size gradient in backward and adds the two input gradients.
+    All tensors arrive in one compute dtype (the caller casts the adapters, as autocast would).
     """
 
     @staticmethod
-    def forward(ctx, result: torch.Tensor, h: torch.Tensor, weight_b: torch.Tensor, scaling: float, inplace: bool):
+    def forward(ctx, x, weight, bias, weight_a, weight_b, scaling: float):
+        in_features = x.shape[-1]
         out_features, rank = weight_b.shape
-        h2d = h.reshape(-1, rank)
-        if inplace:
-            # result is contiguous and not a view (checked by the caller): a 2-D view of it shares storage,
-            # so one GEMM with beta=1 accumulates straight into the base output.
-            result.view(-1, out_features).addmm_(h2d, weight_b.t(), alpha=scaling)
-            ctx.mark_dirty(result)
-            out = result
-        else:
-            out = torch.addmm(result.reshape(-1, out_features), h2d, weight_b.t(), alpha=scaling).view(result.shape)
-        ctx.save_for_backward(h, weight_b)
+        x2d = x.reshape(-1, in_features)
+        y = torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
+        h = torch.mm(x2d, weight_a.t())
+        y.addmm_(h, weight_b.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, weight_a, weight_b, h)
         ctx.scaling = scaling
-        return out
+        return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        h, weight_b = ctx.saved_tensors
+    def backward(ctx, grad):
+        x, weight, weight_a, weight_b, h = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         out_features, rank = weight_b.shape
         g2d = grad.reshape(-1, out_features)
-        grad_h = grad_b = None
-        if ctx.needs_input_grad[1]:
-            grad_h = torch.mm(g2d, weight_b).mul_(ctx.scaling).view(h.shape)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.mm(g2d.t(), h.reshape(-1, rank)).mul_(ctx.scaling)
-        grad_result = grad if ctx.needs_input_grad[0] else None
-        return grad_result, grad_h, grad_b, None, None
+        grad_x = grad_bias = grad_a = grad_b = None
+        if need_b:
+            grad_b = torch.mm(g2d.t(), h).mul_(ctx.scaling)
+        if need_x or need_a:
+            gh = torch.mm(g2d, weight_b).mul_(ctx.scaling)  # [tokens, r]: the scale lands on rank-r tensors only
+            if need_a:
+                grad_a = torch.mm(gh.t(), x.reshape(-1, x.shape[-1]))
+            if need_x:
+                grad_x = torch.mm(g2d, weight)
+                grad_x.addmm_(gh, weight_a)
+                grad_x = grad_x.view(x.shape)
+        if need_bias:
+            grad_bias = g2d.sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_b, None
 
 
 def _single_vanilla_adapter(layer: Any) -> str | None:
@@ -99,45 +104,41 @@ def _single_vanilla_adapter(layer: Any) -> str | None:
     if not (isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training))):
         return None
     base = layer.base_layer
-    # Exactly nn.Linear: its output is fresh and not saved for backward, so it may be written in place.
-    # Hooks could keep a reference to that output; keep peft's path then.
-    if type(base) is not nn.Linear or base._forward_hooks:
+    # Exactly nn.Linear without hooks: the fused function computes its product itself, so anything a subclass
+    # or a hook adds (quantization, offload) would be skipped.
+    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
         return None
     return name
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft's ``lora.Linear.forward`` with the scale-and-add folded into one in-place GEMM (see module doc)."""
+    """peft's ``lora.Linear.forward`` as one fused base + LoRA linear (see module doc)."""
     name = None if (args or kwargs) else _single_vanilla_adapter(self)
     if name is None:
         return _ORIGINAL_FORWARD(self, x, *args, **kwargs)
-
-    result = self.base_layer(x)
+    base = self.base_layer
+    dtype = _compute_dtype(x)
+    weight, bias = base.weight, base.bias
+    if (
+        x.dtype != dtype
+        or weight.dtype != dtype
+        or weight.requires_grad
+        or (bias is not None and (bias.dtype != dtype or bias.requires_grad))
+    ):
+        # A trainable or differently-typed base, or an input autocast would cast: peft's own path and rules.
+        return _ORIGINAL_FORWARD(self, x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    scaling = self.scaling[name]
-    # Same cast as peft (and as patch_peft_input_cast, if that is on): the numbers match peft's forward.
-    h = lora_a(self._cast_input_dtype(x, lora_a.weight.dtype))
-    weight_b = lora_b.weight
-    if h.dtype != result.dtype:
-        # LoRA math in a wider dtype than the base output (e.g. float32 adapters on a bf16 base without
-        # autocast): peft adds in the wide dtype and rounds once; keep its expression exactly.
-        return (result + lora_b(h) * scaling).to(result.dtype)
-    if weight_b.dtype != result.dtype:
-        if not torch.is_autocast_enabled(result.device.type):
-            return (result + lora_b(h) * scaling).to(result.dtype)  # peft's path (its dtype rules, its errors)
-        # Under autocast lora_B's F.linear would cast its weight the same way; the cast's backward returns
-        # the gradient to B in B's own dtype (float32), as autocast does.
-        weight_b = weight_b.to(result.dtype)
-    # Eager: write into the base output when it is a plain tensor of its own (F.linear with a bias returns a
-    # view for 3-D inputs; autograd would then copy the whole output in backward). Under torch.compile the
-    # graph is functional anyway (inductor plans the buffers), and _is_view() would break the graph.
-    inplace = (
-        not torch.compiler.is_compiling()
-        and result.is_contiguous()
-        and not result._is_view()
-        and not (result.is_leaf and result.requires_grad)
-    )
-    return _LoraEpilogue.apply(result, h, weight_b, float(scaling), inplace)
+    # Under autocast lora_A/lora_B's F.linear would cast their float32 weights the same way; the cast's
+    # backward returns each gradient to its parameter in the parameter's own dtype, as autocast does.
+    weight_a = lora_a.weight.to(dtype)
+    weight_b = lora_b.weight.to(dtype)
+    return _FusedLoraLinear.apply(x, weight, bias, weight_a, weight_b, float(self.scaling[name]))
 
 
 def is_patched() -> bool:
@@ -145,7 +146,7 @@ def is_patched() -> bool:
     return _ORIGINAL_FORWARD is not None
 
 
-def patch_lora_fused_epilogue() -> bool:
+def patch_lora_fused() -> bool:
     """Install the fused forward on ``peft.tuners.lora.layer.Linear`` (process-wide, idempotent).
 
     Returns True once it is in place, False where peft cannot be imported.
@@ -159,11 +160,11 @@ def patch_lora_fused_epilogue() -> bool:
         return False
     _ORIGINAL_FORWARD = Linear.forward
     Linear.forward = _fused_forward
-    log.info("lora: fused epilogue on (one in-place addmm per LoRA linear; peft's forward for other cases)")
+    log.info("lora: fused base + adapter linear on (peft's forward for other cases)")
     return True
 
 
-def unpatch_lora_fused_epilogue() -> None:
+def unpatch_lora_fused() -> None:
     """Put peft's own ``lora.Linear.forward`` back (for tests, and A/B runs in one process)."""
     global _ORIGINAL_FORWARD
     if _ORIGINAL_FORWARD is None:

@@ -32,7 +32,8 @@ API (called by the recipe, ``phi3tune/train.py``)
     ``model_cfg`` needs ``attn_implementation`` and ``quantization`` attributes (phi3tune's ModelConfig).
 
     * LoRA inputs stay bf16 under autocast (``patch_peft_input_cast``, process-wide, exact).
-    * opt-in only (``PHI3TUNE_LORA_FUSED=1``, unmeasured): the fused LoRA epilogue of ``phi3tune/lora_fused.py``.
+    * fused base + LoRA linears (``phi3tune/lora_fused.py``); ``PHI3TUNE_LORA_FUSED=0`` in the environment
+      turns them off (for A/B runs).
 
 ``prepare_kbit_model(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=None) -> model``
     QLoRA preparation for the fast path, in place of ``peft.prepare_model_for_kbit_training``: freezes the
@@ -57,6 +58,9 @@ import warnings
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# Environment switch for the fused LoRA linears ("0" = off), for A/B measurements of the same recipe.
+LORA_FUSED_ENV = "PHI3TUNE_LORA_FUSED"
 
 # Tokens per micro-batch the fast path aims for: 4 packed rows of 2048. Below ~4k tokens an H100 is
 # under-used by Phi-3-mini's matmuls; above ~8k the gain is small and memory grows linearly.
@@ -266,12 +270,14 @@ def apply_fast_path(
         if patch_peft_input_cast():
             lines.append("fast path: LoRA inputs stay bf16 under autocast (no float32 copy per LoRA layer)")
 
-    # 5b. Opt-in, unmeasured (issue 5 lever #1): fused LoRA epilogue, only with PHI3TUNE_LORA_FUSED=1.
-    if os.environ.get("PHI3TUNE_LORA_FUSED") == "1":
-        from phi3tune.lora_fused import patch_lora_fused_epilogue
+    # 5b. Fused base + LoRA linears (phi3tune/lora_fused.py): no full-size scale/add passes per LoRA layer.
+    if os.environ.get(LORA_FUSED_ENV, "1") != "0":
+        from phi3tune.lora_fused import patch_lora_fused
 
-        if patch_lora_fused_epilogue():
-            lines.append("fast path: fused LoRA epilogue (PHI3TUNE_LORA_FUSED=1; opt-in, not yet measured on a GPU)")
+        if patch_lora_fused():
+            lines.append(f"fast path: fused base + LoRA linears (one GEMM epilogue add; {LORA_FUSED_ENV}=0 turns it off)")
+    else:
+        lines.append(f"fast path: fused LoRA linears off ({LORA_FUSED_ENV}=0)")
 
     # 6. Input pipeline: data are pre-tokenised; keep the GPU fed.
     choose("dataloader_pin_memory", True, "pinned host batches")

@@ -1,4 +1,4 @@
-"""The fused LoRA epilogue (phi3tune/lora_fused.py) against peft's own ``lora.Linear.forward``.
+"""The fused LoRA linear (phi3tune/lora_fused.py) against peft's own ``lora.Linear.forward``.
 
 Every check builds the same layer twice (same seed), runs one through peft's forward and one through the
 patched forward, and compares outputs and the gradients of lora_A, lora_B and the input in float32. The
@@ -24,9 +24,9 @@ ATOL, RTOL = 1e-6, 1e-5
 @pytest.fixture(autouse=True)
 def _unpatched():
     """Each test starts and ends with peft's own forward."""
-    lora_fused.unpatch_lora_fused_epilogue()
+    lora_fused.unpatch_lora_fused()
     yield
-    lora_fused.unpatch_lora_fused_epilogue()
+    lora_fused.unpatch_lora_fused()
 
 
 class _Block(nn.Module):
@@ -52,9 +52,9 @@ def _peft_model(lora_alpha: int = 24, dropout: float = 0.0, bias: bool = False, 
 def _run(model, x: torch.Tensor, fused: bool):
     """Output and gradients (lora_A, lora_B, input) of a random-weighted sum of the output."""
     if fused:
-        assert lora_fused.patch_lora_fused_epilogue()
+        assert lora_fused.patch_lora_fused()
     else:
-        lora_fused.unpatch_lora_fused_epilogue()
+        lora_fused.unpatch_lora_fused()
     x = x.clone().requires_grad_(True)
     out = model(x)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
@@ -92,29 +92,37 @@ def test_fused_matches_peft_outputs_and_grads(shape, lora_alpha) -> None:
     _compare(model, torch.randn(*shape))
 
 
-def test_fused_path_is_taken_and_writes_in_place(monkeypatch) -> None:
-    """The common case really runs the fused autograd function (not the fallback), in place."""
+def _spy(monkeypatch) -> list:
+    """Record each call of the fused autograd function (its scaling)."""
+    calls: list = []
+    original_apply = lora_fused._FusedLoraLinear.apply
+    monkeypatch.setattr(lora_fused._FusedLoraLinear, "apply", lambda *a: calls.append(a[-1]) or original_apply(*a))
+    return calls
+
+
+def test_fused_path_is_taken(monkeypatch) -> None:
+    """The common case really runs the fused autograd function (not the fallback)."""
     model = _peft_model()
-    calls = []
-    original_apply = lora_fused._LoraEpilogue.apply
-
-    def spy(result, h, weight_b, scaling, inplace):
-        calls.append(inplace)
-        return original_apply(result, h, weight_b, scaling, inplace)
-
-    monkeypatch.setattr(lora_fused._LoraEpilogue, "apply", spy)
+    calls = _spy(monkeypatch)
     _compare(model, torch.randn(3, 5, 24))
-    assert calls == [True]
+    assert calls == [6.0]
 
 
-def test_base_with_bias_3d_uses_out_of_place_addmm(monkeypatch) -> None:
-    """F.linear with a bias returns a view for 3-D inputs: the epilogue must not write into it."""
+def test_base_with_bias(monkeypatch) -> None:
     model = _peft_model(bias=True)
-    calls = []
-    original_apply = lora_fused._LoraEpilogue.apply
-    monkeypatch.setattr(lora_fused._LoraEpilogue, "apply", lambda *a: calls.append(a[-1]) or original_apply(*a))
+    calls = _spy(monkeypatch)
     _compare(model, torch.randn(3, 5, 24))
-    assert calls == [False]
+    assert len(calls) == 1
+
+
+def test_trainable_base_falls_back(monkeypatch) -> None:
+    """A base weight that trains (not LoRA's usual frozen base) keeps peft's path, which computes its grad."""
+    model = _peft_model()
+    model.base_model.model.proj.base_layer.weight.requires_grad_(True)
+    monkeypatch.setattr(lora_fused._FusedLoraLinear, "apply", lambda *a: pytest.fail("fused path with a trainable base"))
+    lora_fused.patch_lora_fused()
+    model(torch.randn(2, 24)).sum().backward()
+    assert model.base_model.model.proj.base_layer.weight.grad is not None
 
 
 def test_frozen_input_still_trains_adapter() -> None:
@@ -124,7 +132,7 @@ def test_frozen_input_still_trains_adapter() -> None:
     x = torch.randn(4, 24)
     out_ref = ref(x)
     out_ref.sum().backward()
-    lora_fused.patch_lora_fused_epilogue()
+    lora_fused.patch_lora_fused()
     out = model(x)
     out.sum().backward()
     _close(out.detach(), out_ref.detach(), "output")
@@ -137,7 +145,7 @@ def test_frozen_input_still_trains_adapter() -> None:
 def test_disabled_adapter_matches_base() -> None:
     model = _peft_model()
     x = torch.randn(3, 5, 24)
-    lora_fused.patch_lora_fused_epilogue()
+    lora_fused.patch_lora_fused()
     with model.disable_adapter():
         out = model(x)
     torch.testing.assert_close(out, model.base_model.model.proj.base_layer(x))
@@ -146,7 +154,7 @@ def test_disabled_adapter_matches_base() -> None:
 def test_dropout_falls_back_to_peft(monkeypatch) -> None:
     """lora_dropout > 0 in training: peft's forward runs (same random mask with the same seed)."""
     model = _peft_model(dropout=0.3)
-    monkeypatch.setattr(lora_fused._LoraEpilogue, "apply", lambda *a: pytest.fail("fused path taken with dropout"))
+    monkeypatch.setattr(lora_fused._FusedLoraLinear, "apply", lambda *a: pytest.fail("fused path taken with dropout"))
     ref = copy.deepcopy(model)
     x = torch.randn(3, 5, 24)
     torch.manual_seed(3)
@@ -162,7 +170,7 @@ def test_dropout_in_eval_mode_is_fused() -> None:
     model = _peft_model(dropout=0.3).eval()
     x = torch.randn(3, 5, 24)
     ref_out = copy.deepcopy(model)(x)
-    lora_fused.patch_lora_fused_epilogue()
+    lora_fused.patch_lora_fused()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref_out.detach(), atol=ATOL, rtol=RTOL)
 
@@ -174,10 +182,10 @@ def test_merged_and_dora_fall_back() -> None:
     merged = _peft_model()
     expected = merged(x).detach()
     merged.merge_adapter()
-    lora_fused.patch_lora_fused_epilogue()
+    lora_fused.patch_lora_fused()
     torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
 
-    lora_fused.unpatch_lora_fused_epilogue()
+    lora_fused.unpatch_lora_fused()
     torch.manual_seed(0)
     dora = get_peft_model(_Block(), LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["proj"]))
     with torch.no_grad():
@@ -194,7 +202,7 @@ def test_bf16_autocast_close_to_peft() -> None:
     outs, grads = [], []
     for m, fused in ((ref, False), (model, True)):
         if fused:
-            lora_fused.patch_lora_fused_epilogue()
+            lora_fused.patch_lora_fused()
         xx = x.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = m(xx)
@@ -236,13 +244,11 @@ def test_tiny_phi3_loss_and_grads_equal_with_and_without_patch(monkeypatch) -> N
         return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
 
     loss_ref, g_ref = loss_and_grads(ref)
-    calls: list[bool] = []
-    original_apply = lora_fused._LoraEpilogue.apply
-    monkeypatch.setattr(lora_fused._LoraEpilogue, "apply", lambda *a: calls.append(a[-1]) or original_apply(*a))
-    lora_fused.patch_lora_fused_epilogue()
+    calls = _spy(monkeypatch)
+    lora_fused.patch_lora_fused()
     loss, g = loss_and_grads(model)
     assert len(g) == 2 * 4 * 2  # 2 layers x (qkv_proj, o_proj, gate_up_proj, down_proj) x (A, B)
-    assert calls == [True] * 8  # every LoRA linear took the fused, in-place path
+    assert len(calls) == 8  # every LoRA linear took the fused path
     torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-6)
     for name in g_ref:
         _close(g[name], g_ref[name], name)
@@ -252,35 +258,34 @@ def test_unpatch_restores_peft_forward() -> None:
     from peft.tuners.lora.layer import Linear
 
     original = Linear.forward
-    assert lora_fused.patch_lora_fused_epilogue() and lora_fused.is_patched()
+    assert lora_fused.patch_lora_fused() and lora_fused.is_patched()
     assert Linear.forward is lora_fused._fused_forward
-    assert lora_fused.patch_lora_fused_epilogue()  # idempotent
-    lora_fused.unpatch_lora_fused_epilogue()
+    assert lora_fused.patch_lora_fused()  # idempotent
+    lora_fused.unpatch_lora_fused()
     assert not lora_fused.is_patched() and Linear.forward is original
 
 
-def test_fast_path_policy_applies_it_only_when_asked(monkeypatch) -> None:
+def test_fast_path_policy_turns_it_on_unless_switched_off(monkeypatch) -> None:
     from types import SimpleNamespace
 
     from phi3tune import speed
 
     model_cfg = SimpleNamespace(attn_implementation="auto", quantization=None)
-    monkeypatch.delenv(lora_fused.ENV_VAR, raising=False)
+    monkeypatch.setenv(speed.LORA_FUSED_ENV, "0")
     _, lines = speed.apply_fast_path(model_cfg, {"max_length": 2048}, "cuda", gpu_memory_bytes=80e9)
-    assert not lora_fused.is_patched() and not any("fused LoRA" in line for line in lines)
-    monkeypatch.setenv(lora_fused.ENV_VAR, "1")
+    assert not lora_fused.is_patched() and any("fused LoRA linears off" in line for line in lines)
+    monkeypatch.delenv(speed.LORA_FUSED_ENV)
     _, lines = speed.apply_fast_path(model_cfg, {"max_length": 2048}, "cuda", gpu_memory_bytes=80e9)
-    assert lora_fused.is_patched() and any("fused LoRA" in line for line in lines)
+    assert lora_fused.is_patched() and any("fused base + LoRA" in line for line in lines)
 
 
 @needs_hf_home
-def test_phi3tune_train_does_not_apply_the_patch(tmp_path, monkeypatch) -> None:
-    """Off by default: a `phi3tune train configs/tiny.yaml` run (in-process) leaves peft's forward alone."""
+def test_phi3tune_train_on_cpu_does_not_apply_the_patch(tmp_path, monkeypatch) -> None:
+    """The fast path is for CUDA: a CPU `phi3tune train configs/tiny.yaml` run leaves peft's forward alone."""
     from peft.tuners.lora.layer import Linear
 
     from phi3tune.cli import app
 
-    monkeypatch.delenv(lora_fused.ENV_VAR, raising=False)
     original = Linear.forward
     argv = ["train", str(TINY_CONFIG), "--output-dir", str(tmp_path / "run"), "--overwrite",
             "--set", "training_config.max_steps=2", "--set", "training_config.eval_strategy='no'",
