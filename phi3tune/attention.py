@@ -51,6 +51,7 @@ VARLEN = "varlen"
 _REGISTERED = False
 _KERNEL: Any = None  # torch.nn.attention.varlen.varlen_attn, resolved lazily
 _KERNEL_STYLE: str | None = None  # "window" (torch >= 2.11) | "is_causal" (torch 2.10) | None (missing)
+_KERNEL_GQA = False  # whether the kernel takes enable_gqa (resolved once: inspect per call breaks torch.compile graphs)
 _SEGMENT_CACHE: dict[str, Any] = {"key": None, "value": None}
 _WARNED: set[str] = set()
 
@@ -63,7 +64,7 @@ def _warn_once(key: str, message: str) -> None:
 
 def _resolve_kernel() -> tuple[Any, str | None]:
     """Find PyTorch's varlen kernel and which calling convention it has."""
-    global _KERNEL, _KERNEL_STYLE
+    global _KERNEL, _KERNEL_STYLE, _KERNEL_GQA
     if _KERNEL is not None or _KERNEL_STYLE == "missing":
         return _KERNEL, (None if _KERNEL_STYLE == "missing" else _KERNEL_STYLE)
     try:
@@ -72,6 +73,7 @@ def _resolve_kernel() -> tuple[Any, str | None]:
         _KERNEL_STYLE = "missing"
         return None, None
     params = inspect.signature(varlen_attn).parameters
+    _KERNEL_GQA = "enable_gqa" in params
     if "window_size" in params:
         _KERNEL, _KERNEL_STYLE = varlen_attn, "window"
     elif "is_causal" in params:  # torch 2.10: causal flag, no window
@@ -116,6 +118,10 @@ def segments_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor
     return cu, max_len
 
 
+def _as_int(value: Any) -> Any:
+    return value if isinstance(value, (int, torch.SymInt)) else int(value)
+
+
 def _segments(batch: int, length: int, device: torch.device, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """cu_seqlens (q, k) and max lengths for a flattened (batch * length) token stream."""
     cu_q = kwargs.get("cu_seq_lens_q")
@@ -133,7 +139,8 @@ def _segments(batch: int, length: int, device: torch.device, kwargs: dict) -> tu
             cu_k = cu_k.to(torch.int32)
         if max_q is None or max_k is None:
             max_q = max_k = int(cu_q.diff().max().item())
-        return cu_q, cu_k, int(max_q), int(max_k)
+        # ints (or SymInts under torch.compile) pass through: int() of a SymInt would pin the graph to one length
+        return cu_q, cu_k, _as_int(max_q), _as_int(max_k)
 
     position_ids = kwargs.get("position_ids")
     if position_ids is not None and position_ids.shape[-1] == length:
@@ -202,7 +209,7 @@ def _run_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left):
     kernel, style = _resolve_kernel()
     extra = {}
     if q.shape[1] != k.shape[1]:
-        if "enable_gqa" not in inspect.signature(kernel).parameters:
+        if not _KERNEL_GQA:
             raise NotImplementedError("this torch's varlen_attn has no grouped-query attention")
         extra["enable_gqa"] = True
     if style == "window":

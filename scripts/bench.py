@@ -15,8 +15,8 @@ What it measures, in one run (each row in a fresh subprocess, same data, same ra
   abl-*   ablation rows, plain trl with one lever changed at a time (see ROWS)
   parity-fast / parity-plain   the fast path vs the plain path (sdpa over the same packed batches, no
           fused kernels), same seed and batches, per-step losses compared (>= 30 steps)
-  abl-fast-fused, lora-fused, parity-fused, abl-fast-compile*-noliger   prepared levers, not yet measured
-          (docs/benchmarks.md, "Prepared, not yet measured")
+  abl-fast-fused, abl-fast-*layers*, lora-nofused, parity-fused, abl-fast-compile*-noliger   the levers
+          measured after the first table (docs/benchmarks.md)
 
 Model: a randomly initialised full-size Phi-3-mini from the real config (saved once as a local base, so
 every row loads the same weights the ordinary from_pretrained way). Data: synthetic chats whose token
@@ -72,14 +72,19 @@ ROWS: dict[str, dict] = {
     "abl-fast-drop0-nocast": dict(BASE_FAST, lora_dropout=0.0, nocast=True),
     "parity-fast": dict(BASE_FAST, lr=2e-4, parity=True, lora_dropout=0.0, nocast=True),
     "parity-plain": dict(BASE_FAST, attn="sdpa", liger=False, lr=2e-4, parity=True, lora_dropout=0.0),
-    # Prepared, NOT yet measured (docs/benchmarks.md "Prepared, not yet measured"). Baseline for both levers:
-    # abl-fast-drop0-nocast (the shipped LoRA fast path in the plain trl loop, 20,192 tok/s).
-    # Lever #1, fused LoRA epilogue (phi3tune/lora_fused.py): one in-place addmm per LoRA linear.
+    # Levers measured after the first table (docs/benchmarks.md, "Closing the gap"); baseline for each:
+    # abl-fast-drop0-nocast (the earlier shipped LoRA fast path in the plain trl loop).
+    # Fused base + LoRA linears (phi3tune/lora_fused.py).
     "abl-fast-fused": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True),
-    "lora-fused": dict(via="recipe", config="configs/lora.yaml", env={"PHI3TUNE_LORA_FUSED": "1"}),
-    "parity-fused": dict(BASE_FAST, lr=2e-4, parity=True, lora_dropout=0.0, nocast=True, fused=True),
-    # Lever #2, launch gaps: torch.compile with Liger off (Liger's Triton kernels fell back inside the graph
-    # and inductor fuses RMSNorm/RoPE/SwiGLU itself): trl's whole-model compile, and per-decoder-layer compile.
+    # Phi-3 qkv split + RoPE and SwiGLU compiled on the fused projections (phi3tune/phi3_layers.py), Liger RMSNorm.
+    "abl-fast-layers": dict(BASE_FAST, lora_dropout=0.0, nocast=True, phi3_layers=True),
+    "abl-fast-fused-layers": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True),
+    "prof-fast-fused-layers": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True, profile=True),
+    "abl-fast-fused-layers-rows5": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True, rows=5),
+    # The recipe with both switched off (the earlier shipped recipe), to A/B through `phi3tune train`.
+    "lora-nofused": dict(via="recipe", config="configs/lora.yaml", env={"PHI3TUNE_LORA_FUSED": "0", "PHI3TUNE_PHI3_LAYERS": "0"}),
+    "parity-fused": dict(BASE_FAST, lr=2e-4, parity=True, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True),
+    # Launch gaps: torch.compile with Liger off: trl's whole-model compile, and per-decoder-layer compile.
     "abl-fast-compile-noliger": dict(BASE_FAST, lora_dropout=0.0, nocast=True, liger=False, compile=True, steps=24, warmup=10),
     "abl-fast-compile-layers-noliger": dict(BASE_FAST, lora_dropout=0.0, nocast=True, liger=False, compile_layers=True,
                                             steps=24, warmup=10),  # fmt: skip
@@ -219,7 +224,9 @@ def profiler_callback(path: Path, start: int, steps: int):
                 prof = state["prof"]
                 prof.__exit__(None, None, None)
                 events = prof.key_averages()
-                gpu_us = sum(e.self_device_time_total for e in events)
+                # Kernel rows only: the aten rows above them carry the same device time again.
+                kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+                gpu_us = sum(e.self_device_time_total for e in (kernels or events))
                 lines = [f"wall {wall * 1e3:.1f} ms for {steps} steps; GPU kernel time {gpu_us / 1e3:.1f} ms "
                          f"({gpu_us / 1e6 / wall:.0%} busy)"]  # fmt: skip
                 lines.append(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70))
@@ -350,9 +357,14 @@ def _run_trl(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
             gk["every_n_layers"] = int(ckpt.split(":")[1])
         args["gradient_checkpointing_kwargs"] = gk
     if spec.get("liger"):
+        own_layers = bool(spec.get("phi3_layers"))  # phi3_layers replaces Liger's RoPE and SwiGLU
         args["use_liger_kernel"] = True
-        args["liger_kernel_config"] = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
-                                       "fused_linear_cross_entropy": False}  # fmt: skip
+        args["liger_kernel_config"] = {"rope": not own_layers, "rms_norm": True, "swiglu": not own_layers,
+                                       "cross_entropy": False, "fused_linear_cross_entropy": False}  # fmt: skip
+    if spec.get("phi3_layers"):
+        from phi3tune.phi3_layers import patch_phi3_layers
+
+        patch_phi3_layers()
     if spec.get("compile"):
         args["torch_compile"] = True
     if spec.get("nocast"):
@@ -360,9 +372,9 @@ def _run_trl(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
 
         patch_peft_input_cast()
     if spec.get("fused"):
-        from phi3tune.lora_fused import patch_lora_fused_epilogue
+        from phi3tune.lora_fused import patch_lora_fused
 
-        patch_lora_fused_epilogue()
+        patch_lora_fused()
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=spec["lora_dropout"], target_modules="all-linear",
                       task_type="CAUSAL_LM", bias="none")  # fmt: skip
     callbacks = [meter.callback()]
@@ -402,7 +414,7 @@ def _run_recipe(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
     instrument(ptrainer.Phi3Trainer, meter)
     from phi3tune.cli import app
 
-    # Opt-in switches read by the recipe (e.g. PHI3TUNE_LORA_FUSED): each row is its own subprocess.
+    # Switches read by the recipe (PHI3TUNE_LORA_FUSED, PHI3TUNE_PHI3_LAYERS): each row is its own subprocess.
     os.environ.update(spec.get("env", {}))
     out_dir = Path(ctx["tmp"]) / spec["name"]
     sets = [
@@ -433,10 +445,9 @@ def _run_recipe(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
     log_lines = []
     rc = out_dir / "run_config.yaml"
     result = {"via": "recipe", "argv": argv, "run_config": rc.read_text() if rc.is_file() else None, "notes": log_lines}
-    if spec.get("env"):
-        from phi3tune.lora_fused import is_patched
+    from phi3tune import lora_fused, phi3_layers
 
-        result["env"], result["lora_fused"] = spec["env"], is_patched()
+    result["env"], result["lora_fused"], result["phi3_layers"] = spec.get("env"), lora_fused.is_patched(), phi3_layers.is_patched()
     return result
 
 

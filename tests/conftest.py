@@ -73,3 +73,13 @@ def trained_run(offline_hf_home: Path | None, tmp_path_factory: pytest.TempPathF
                      "--set", "training_config.save_steps=30")
     assert result.returncode == 0, result.stdout + result.stderr
     return out
+
+
+@pytest.fixture(autouse=True)
+def _fast_path_patches_restored():
+    """The GPU fast path patches peft and transformers process-wide; no test leaves them on for the next one."""
+    yield
+    from phi3tune import lora_fused, phi3_layers
+
+    lora_fused.unpatch_lora_fused()
+    phi3_layers.unpatch_phi3_layers()

@@ -1,0 +1,131 @@
+"""phi3tune/phi3_layers.py: Phi-3's attention and MLP forwards with the cheap split, against transformers' own.
+
+The patched forwards must compute the same function: logits, loss and every gradient of a tiny random Phi-3
+(with LoRA on all linears, as trained) equal the unpatched model's in float32, for packed rows through the
+varlen attention, padded batches through sdpa, and generation with a KV cache.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import PHI3_ID, needs_hf_home
+from phi3tune import attention, phi3_layers
+
+pytestmark = needs_hf_home
+
+
+@pytest.fixture(autouse=True)
+def _unpatched():
+    phi3_layers.unpatch_phi3_layers()
+    yield
+    phi3_layers.unpatch_phi3_layers()
+
+
+def _tiny(attn: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(PHI3_ID)
+    for key, value in dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=4, sliding_window=8).items():  # fmt: skip
+        setattr(cfg, key, value)
+    attention.register_attention()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+
+
+def _with_lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    return model.train()
+
+
+def _loss_and_grads(model, **inputs):
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def _compare(ref, patched_model, **inputs):
+    logits_ref, loss_ref, g_ref = _loss_and_grads(ref, **inputs)
+    assert phi3_layers.patch_phi3_layers() and phi3_layers.is_patched()
+    logits, loss, g = _loss_and_grads(patched_model, **inputs)
+    torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-6)
+    assert g.keys() == g_ref.keys() and len(g) == 16
+    for name in g_ref:
+        scale = float(g_ref[name].abs().max()) or 1.0
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-5 * scale, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_packed_rows_varlen_same_logits_loss_and_grads() -> None:
+    model = _with_lora(_tiny(attention.VARLEN))
+    ref = copy.deepcopy(model)
+    lengths = [5, 12, 3, 9]  # one sample longer than the sliding window
+    ids = torch.randint(10, 32000, (1, sum(lengths)), generator=torch.Generator().manual_seed(1))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    _compare(ref, model, input_ids=ids, position_ids=pos, labels=ids)
+
+
+def test_padded_batch_sdpa_same_logits_loss_and_grads() -> None:
+    model = _with_lora(_tiny("sdpa"))
+    ref = copy.deepcopy(model)
+    ids = torch.randint(10, 32000, (2, 11), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    _compare(ref, model, input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def test_generation_with_kv_cache_unchanged() -> None:
+    model = _tiny("sdpa").eval()
+    ids = torch.randint(10, 32000, (1, 6), generator=torch.Generator().manual_seed(3))
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+    phi3_layers.patch_phi3_layers()
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
+
+
+def test_patch_is_class_level_and_reversible() -> None:
+    from transformers.models.phi3 import modeling_phi3
+
+    attn, mlp = modeling_phi3.Phi3Attention.forward, modeling_phi3.Phi3MLP.forward
+    assert phi3_layers.patch_phi3_layers() and phi3_layers.patch_phi3_layers()  # idempotent
+    assert modeling_phi3.Phi3Attention.forward is phi3_layers.attention_forward
+    assert modeling_phi3.Phi3MLP.forward is phi3_layers.mlp_forward
+    phi3_layers.unpatch_phi3_layers()
+    assert modeling_phi3.Phi3Attention.forward is attn and modeling_phi3.Phi3MLP.forward is mlp
+    assert not phi3_layers.is_patched()
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog) -> None:
+    """A compiler error on the first call: the eager function answers, once warned, and is used from then on."""
+    wrapped = phi3_layers._CompiledOnce(phi3_layers.swiglu)
+
+    class FakeCuda:
+        device = torch.device("cuda")
+
+    def broken_compile(fn):
+        def call(*args):
+            raise RuntimeError("no working C compiler")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(phi3_layers.swiglu, "__name__", "swiglu", raising=False)
+    x = torch.randn(3, 8)
+    calls = []
+    wrapped.fn = lambda *a: calls.append(a) or phi3_layers.swiglu(x)
+    with caplog.at_level("WARNING"):
+        wrapped(FakeCuda())
+        wrapped(FakeCuda())
+    assert wrapped.failed and len(calls) == 2
+    assert sum("torch.compile" in r.message for r in caplog.records) == 1
