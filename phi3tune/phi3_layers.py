@@ -7,14 +7,18 @@ what one concatenation (36 KB) does. ``Phi3MLP.forward`` (or Liger's Phi-3 SwiGL
 both halves of ``gate_up_proj``'s output to contiguous tensors and concatenates their gradients again)
 likewise moves ~256 KB a token a layer where reading ``gate_up`` and writing the product needs 128 KB.
 
-Here the split + RoPE and the SwiGLU are small pure functions -- transformers' own ``apply_rotary_pos_emb``
+The residual adds and RMSNorms of ``Phi3DecoderLayer.forward`` (Liger's RMSNorm costs ~135 us of CPU a call,
+4x its GPU time) become one normalisation and one add + normalisation a layer.
+
+Here the split + RoPE, the SwiGLU and the norms are small pure functions -- transformers' own ``apply_rotary_pos_emb``
 and ``silu(gate) * up`` on the fused tensors -- compiled with ``torch.compile`` so that each is one fused
 kernel forward and one backward that writes the fused gradient directly. On a CPU, or where compiling
 fails (no Triton/C compiler), the same functions run eagerly (one warning), still with the cheap split.
 
 API: ``patch_phi3_layers() -> bool``, ``unpatch_phi3_layers()``, ``is_patched() -> bool``. Process-wide,
-reversible class-level patches of ``Phi3Attention.forward`` and ``Phi3MLP.forward``; Liger's RoPE and
-SwiGLU must be off while they are on (``phi3tune/speed.py`` does that): Liger patches instances.
+reversible class-level patches of ``Phi3DecoderLayer.forward``, ``Phi3Attention.forward`` and
+``Phi3MLP.forward``. They make Liger's Phi-3 kernels redundant; Liger patches instances, so
+``phi3tune/speed.py`` leaves Liger off while they are on.
 """
 
 from __future__ import annotations
@@ -54,6 +58,20 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return up * F.silu(gate)
 
 
+def rmsnorm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``Phi3RMSNorm.forward``'s expression (float32 statistics, output in the weight/input dtype promotion)."""
+    input_dtype = hidden_states.dtype
+    x = hidden_states.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(input_dtype)
+
+
+def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add and the next RMSNorm in one pass: ``(residual + delta, rmsnorm(residual + delta))``."""
+    hidden_states = residual + delta
+    return hidden_states, rmsnorm(hidden_states, weight, eps)
+
+
 class _CompiledOnce:
     """``torch.compile(fn)`` on CUDA, eager elsewhere; a compile error falls back to eager, with one warning."""
 
@@ -79,6 +97,46 @@ class _CompiledOnce:
 
 _qkv_rope = _CompiledOnce(qkv_rope)
 _swiglu = _CompiledOnce(swiglu)
+_rmsnorm = _CompiledOnce(rmsnorm)
+_add_rmsnorm = _CompiledOnce(add_rmsnorm)
+
+
+def _plain_norm(module: Any) -> bool:
+    return hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def decoder_layer_forward(
+    self: Any,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    past_key_values: Any = None,
+    use_cache: bool | None = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """``Phi3DecoderLayer.forward`` with each residual add fused into the RMSNorm that follows it."""
+    dropout = self.training and (self.resid_attn_dropout.p > 0 or self.resid_mlp_dropout.p > 0)
+    if dropout or not (_plain_norm(self.input_layernorm) and _plain_norm(self.post_attention_layernorm)):
+        return _ORIGINAL["decoder"](self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                    past_key_values=past_key_values, use_cache=use_cache,
+                                    position_embeddings=position_embeddings, **kwargs)  # fmt: skip
+    norm = self.input_layernorm
+    residual = hidden_states
+    hidden_states = _rmsnorm(hidden_states, norm.weight, norm.variance_epsilon)
+    hidden_states, _ = self.self_attn(
+        hidden_states=hidden_states,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    norm = self.post_attention_layernorm
+    residual, hidden_states = _add_rmsnorm(residual, hidden_states, norm.weight, norm.variance_epsilon)
+    hidden_states = self.mlp(hidden_states)
+    return residual + hidden_states
 
 
 def attention_forward(
@@ -138,10 +196,12 @@ def patch_phi3_layers() -> bool:
     except Exception:  # pragma: no cover - transformers without Phi-3
         return False
     _ORIGINAL.update(
+        decoder=modeling_phi3.Phi3DecoderLayer.forward,
         attention=modeling_phi3.Phi3Attention.forward,
         mlp=modeling_phi3.Phi3MLP.forward,
         rope=modeling_phi3.apply_rotary_pos_emb,
     )
+    modeling_phi3.Phi3DecoderLayer.forward = decoder_layer_forward
     modeling_phi3.Phi3Attention.forward = attention_forward
     modeling_phi3.Phi3MLP.forward = mlp_forward
     return True
@@ -152,6 +212,7 @@ def unpatch_phi3_layers() -> None:
         return
     from transformers.models.phi3 import modeling_phi3
 
+    modeling_phi3.Phi3DecoderLayer.forward = _ORIGINAL["decoder"]
     modeling_phi3.Phi3Attention.forward = _ORIGINAL["attention"]
     modeling_phi3.Phi3MLP.forward = _ORIGINAL["mlp"]
     _ORIGINAL.clear()

@@ -24,11 +24,11 @@ API (called by the recipe, ``phi3tune/train.py``)
       ``gradient_accumulation_steps`` so the optimizer step sees the same rows.
     * activation checkpointing off when the activations fit the GPU (trl's SFTConfig turns it *on* by
       default); otherwise every n-th layer only (``gradient_checkpointing_kwargs.every_n_layers``), or all.
-    * Phi-3's qkv split + RoPE and SwiGLU as ``torch.compile``-fused functions of the fused projections
-      (``phi3tune/phi3_layers.py``; ``PHI3TUNE_PHI3_LAYERS=0`` turns them off).
-    * Liger kernels when ``liger_kernel`` imports, through ``use_liger_kernel``: RMSNorm (and RoPE/SwiGLU
-      when phi3_layers is off); trl's own chunked LM head already computes the loss without logits, so
-      Liger's fused cross-entropy stays off.
+    * Phi-3's residual add + RMSNorm, qkv split + RoPE and SwiGLU as ``torch.compile``-fused functions of
+      the fused projections (``phi3tune/phi3_layers.py``; ``PHI3TUNE_PHI3_LAYERS=0`` turns them off).
+    * Liger kernels (RMSNorm, RoPE, SwiGLU) through ``use_liger_kernel`` only where phi3_layers is off;
+      trl's own chunked LM head already computes the loss without logits, so Liger's fused cross-entropy
+      stays off.
     * dataloader: pinned memory, 2 workers, persistent.
 
     ``model_cfg`` needs ``attn_implementation`` and ``quantization`` attributes (phi3tune's ModelConfig).
@@ -252,30 +252,34 @@ def apply_fast_path(
             f"{peak / 2**30:.1f} GiB of a {budget / 2**30:.1f} GiB budget)"
         )
 
-    # 4. Phi-3's split + RoPE and SwiGLU as compiled functions of the fused projections (phi3tune/phi3_layers.py);
-    #    Liger kernels for the rest (RMSNorm), or for all three when the layers are switched off.
+    # 4. Phi-3's norms, split + RoPE and SwiGLU as compiled functions of the fused projections
+    #    (phi3tune/phi3_layers.py); where they are switched off, Liger's kernels for the same three.
     phi3_layers_on = os.environ.get(PHI3_LAYERS_ENV, "1") != "0"
     if phi3_layers_on:
         from phi3tune.phi3_layers import patch_phi3_layers
 
         phi3_layers_on = patch_phi3_layers()
-        if phi3_layers_on:
-            lines.append(f"fast path: Phi-3 qkv split + RoPE and SwiGLU fused by torch.compile ({PHI3_LAYERS_ENV}=0 turns it off)")
-    if _liger_available():
-        choose("use_liger_kernel", True, "Liger RMSNorm kernel" if phi3_layers_on else "Liger RMSNorm + RoPE + SwiGLU kernels")
+    if phi3_layers_on:
+        lines.append(
+            "fast path: Phi-3 residual+RMSNorm, qkv split+RoPE and SwiGLU fused by torch.compile "
+            f"({PHI3_LAYERS_ENV}=0 turns it off)"
+        )
+        # Liger would patch the same modules per instance; its kernels are redundant here.
+        choose("use_liger_kernel", False, "phi3tune's compiled layers cover RMSNorm, RoPE and SwiGLU")
+    elif _liger_available():
+        choose("use_liger_kernel", True, "Liger RMSNorm + RoPE + SwiGLU kernels")
         if args.get("use_liger_kernel") and "liger_kernel_config" not in user:
             args["liger_kernel_config"] = {
-                # Liger patches RoPE and SwiGLU per instance, which would replace phi3_layers' forwards.
-                "rope": not phi3_layers_on,
+                "rope": True,
                 "rms_norm": True,
-                "swiglu": not phi3_layers_on,
+                "swiglu": True,
                 "cross_entropy": False,
                 "fused_linear_cross_entropy": False,
             }
-        # trl 1.16 marks use_liger_kernel deprecated in favour of hub kernels (which need the internet).
-        warnings.filterwarnings("ignore", message=r".*use_liger_kernel=True.*deprecated.*", category=FutureWarning)
     else:
-        lines.append("fast path: Liger kernels not installed (pip install 'phi3tune[fast]'): plain PyTorch RMSNorm")
+        lines.append("fast path: Liger kernels not installed (pip install 'phi3tune[fast]'): plain PyTorch RMSNorm/RoPE/SwiGLU")
+    # trl 1.16 marks use_liger_kernel deprecated in favour of hub kernels (which need the internet).
+    warnings.filterwarnings("ignore", message=r".*use_liger_kernel=True.*deprecated.*", category=FutureWarning)
 
     # 5. LoRA under autocast: skip peft's copy of every LoRA input to the adapters' float32 (autocast casts
     #    it straight back to bf16 for the matmul, so the result is the same; the copies cost ~15% of a step).

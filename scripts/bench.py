@@ -76,13 +76,15 @@ ROWS: dict[str, dict] = {
     # abl-fast-drop0-nocast (the earlier shipped LoRA fast path in the plain trl loop).
     # Fused base + LoRA linears (phi3tune/lora_fused.py).
     "abl-fast-fused": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True),
-    # Phi-3 qkv split + RoPE and SwiGLU compiled on the fused projections (phi3tune/phi3_layers.py), Liger RMSNorm.
+    # Phi-3 residual+RMSNorm, qkv split + RoPE and SwiGLU compiled on the fused projections (phi3tune/phi3_layers.py),
+    # no Liger. (In the first call of 2026-11-25 16:00 these rows had no norm fusion and kept Liger's RMSNorm.)
     "abl-fast-layers": dict(BASE_FAST, lora_dropout=0.0, nocast=True, phi3_layers=True),
     "abl-fast-fused-layers": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True),
     "prof-fast-fused-layers": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True, profile=True),
     "abl-fast-fused-layers-rows5": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True, rows=5),
     # The recipe with both switched off (the earlier shipped recipe), to A/B through `phi3tune train`.
     "lora-nofused": dict(via="recipe", config="configs/lora.yaml", env={"PHI3TUNE_LORA_FUSED": "0", "PHI3TUNE_PHI3_LAYERS": "0"}),
+    "prof-lora": dict(via="recipe", config="configs/lora.yaml", profile=True),
     "parity-fused": dict(BASE_FAST, lr=2e-4, parity=True, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True),
     # Launch gaps: torch.compile with Liger off: trl's whole-model compile, and per-decoder-layer compile.
     "abl-fast-compile-noliger": dict(BASE_FAST, lora_dropout=0.0, nocast=True, liger=False, compile=True, steps=24, warmup=10),
@@ -230,19 +232,73 @@ def profiler_callback(path: Path, start: int, steps: int):
                 lines = [f"wall {wall * 1e3:.1f} ms for {steps} steps; GPU kernel time {gpu_us / 1e3:.1f} ms "
                          f"({gpu_us / 1e6 / wall:.0%} busy)"]  # fmt: skip
                 lines.append(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70))
+                lines.append(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+                try:
+                    lines.append(gap_report(prof.events()))
+                except Exception as exc:  # the report is a diagnostic; never lose the tables for it
+                    lines.append(f"gap report failed: {exc!r}")
                 path.write_text("\n".join(lines))
                 state["prof"] = None
 
     return _Prof()
 
 
-def instrument(trainer_cls, meter: Meter) -> None:
+def gap_report(events, min_gap_us: float = 100.0, top: int = 40) -> str:
+    """Where the GPU sits idle: gaps between consecutive kernels, each blamed on the CPU ops running in it.
+
+    A gap is charged to the CPU events that overlap it most (record_function labels such as
+    ``Optimizer.step#AdamW.step`` or ``enumerate(DataLoader)...``, aten ops such as ``aten::item``).
+    """
+    import torch
+    from collections import defaultdict
+
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = sorted((e for e in events if e.device_type == cuda), key=lambda e: e.time_range.start)
+    cpu = sorted((e for e in events if e.device_type != cuda), key=lambda e: e.time_range.start)
+    if not kernels:
+        return "gap report: no kernels"
+    gaps = []
+    busy_end = kernels[0].time_range.end
+    prev = kernels[0]
+    for k in kernels[1:]:
+        if k.time_range.start - busy_end >= min_gap_us:
+            gaps.append((busy_end, k.time_range.start, prev.name, k.name))
+        if k.time_range.end > busy_end:
+            busy_end, prev = k.time_range.end, k
+    span = kernels[-1].time_range.end - kernels[0].time_range.start
+    total = sum(b - a for a, b, _, _ in gaps)
+    blame: dict[str, float] = defaultdict(float)
+    detail = []
+    for a, b, before, after in gaps:
+        overl = defaultdict(float)
+        for e in cpu:
+            if e.time_range.start >= b:
+                break
+            o = min(b, e.time_range.end) - max(a, e.time_range.start)
+            if o > 0:
+                overl[e.name] += o
+        # the innermost-looking op covering most of the gap: prefer labels over generic runtime calls
+        ranked = sorted(overl.items(), key=lambda kv: -kv[1])
+        owner = next((n for n, _ in ranked if not n.startswith(("cuda", "Profiler"))), ranked[0][0] if ranked else "?")
+        blame[owner] += b - a
+        detail.append((b - a, before[:40], after[:40], ", ".join(f"{n[:45]}={v / 1e3:.2f}" for n, v in ranked[:6])))
+    out = [f"\nGPU gaps >= {min_gap_us:.0f} us: {len(gaps)} gaps, {total / 1e3:.1f} ms of {span / 1e3:.1f} ms "
+           f"({total / span:.0%} idle)", "idle blamed on (ms):"]  # fmt: skip
+    for name, us in sorted(blame.items(), key=lambda kv: -kv[1])[:25]:
+        out.append(f"  {us / 1e3:8.2f}  {name}")
+    out.append(f"largest {top} gaps (ms | kernel before -> after | CPU ops overlapping, ms):")
+    for d, before, after, ops in sorted(detail, key=lambda t: -t[0])[:top]:
+        out.append(f"  {d / 1e3:7.2f} | {before} -> {after} | {ops}")
+    return "\n".join(out)
+
+
+def instrument(trainer_cls, meter: Meter, extra_callbacks: list | None = None) -> None:
     """Add the meter to every trainer of this class (used for the recipe path, which builds its own)."""
     orig_init = trainer_cls.__init__
     orig_loss = trainer_cls.compute_loss
 
     def __init__(self, *a, **kw):
-        kw["callbacks"] = list(kw.get("callbacks") or []) + [meter.callback()]
+        kw["callbacks"] = list(kw.get("callbacks") or []) + [meter.callback()] + list(extra_callbacks or [])
         orig_init(self, *a, **kw)
 
     def compute_loss(self, model, inputs, *a, **kw):
@@ -356,11 +412,10 @@ def _run_trl(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
         if ckpt.startswith("every_n:"):
             gk["every_n_layers"] = int(ckpt.split(":")[1])
         args["gradient_checkpointing_kwargs"] = gk
-    if spec.get("liger"):
-        own_layers = bool(spec.get("phi3_layers"))  # phi3_layers replaces Liger's RoPE and SwiGLU
+    if spec.get("liger") and not spec.get("phi3_layers"):  # phi3_layers replaces Liger's three kernels
         args["use_liger_kernel"] = True
-        args["liger_kernel_config"] = {"rope": not own_layers, "rms_norm": True, "swiglu": not own_layers,
-                                       "cross_entropy": False, "fused_linear_cross_entropy": False}  # fmt: skip
+        args["liger_kernel_config"] = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                                       "fused_linear_cross_entropy": False}  # fmt: skip
     if spec.get("phi3_layers"):
         from phi3tune.phi3_layers import patch_phi3_layers
 
@@ -411,7 +466,10 @@ def _run_recipe(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
     """`phi3tune train CONFIG --set ...` through the CLI, in-process, with the meter attached."""
     import phi3tune.trainer as ptrainer
 
-    instrument(ptrainer.Phi3Trainer, meter)
+    extra = []
+    if spec.get("profile"):
+        extra.append(profiler_callback(Path(ctx["out"]) / f"profile-{spec['name']}.txt", start=6, steps=2))
+    instrument(ptrainer.Phi3Trainer, meter, extra)
     from phi3tune.cli import app
 
     # Switches read by the recipe (PHI3TUNE_LORA_FUSED, PHI3TUNE_PHI3_LAYERS): each row is its own subprocess.

@@ -98,11 +98,14 @@ def test_patch_is_class_level_and_reversible() -> None:
     from transformers.models.phi3 import modeling_phi3
 
     attn, mlp = modeling_phi3.Phi3Attention.forward, modeling_phi3.Phi3MLP.forward
+    layer = modeling_phi3.Phi3DecoderLayer.forward
     assert phi3_layers.patch_phi3_layers() and phi3_layers.patch_phi3_layers()  # idempotent
+    assert modeling_phi3.Phi3DecoderLayer.forward is phi3_layers.decoder_layer_forward
     assert modeling_phi3.Phi3Attention.forward is phi3_layers.attention_forward
     assert modeling_phi3.Phi3MLP.forward is phi3_layers.mlp_forward
     phi3_layers.unpatch_phi3_layers()
     assert modeling_phi3.Phi3Attention.forward is attn and modeling_phi3.Phi3MLP.forward is mlp
+    assert modeling_phi3.Phi3DecoderLayer.forward is layer
     assert not phi3_layers.is_patched()
 
 
