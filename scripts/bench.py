@@ -482,7 +482,8 @@ def _run_recipe(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
         "data.eval=null",
         "data.eval_fraction=null",
         f"training_config.max_steps={steps}",
-        "training_config.logging_steps=1",
+        # logging_steps as the config ships it (20): logging every step would add a sync and the metrics
+        # bookkeeping to every step, which a user's run does not have.
         "training_config.save_strategy='no'",
         f"training_config.max_length={ctx['max_length']}",
         "training_config.eval_strategy='no'",
