@@ -8,8 +8,8 @@ one), a full-size ``* scaling`` of the gradient in backward, and a full-size add
 ~405 ms H100 step (docs/benchmarks.md, "Where the time goes").
 
 ``_FusedLoraLinear`` computes the base and the adapter in one autograd function for a frozen base: the
-adapter's product is accumulated into the base output by the GEMM's epilogue (``addmm_``, beta=1), the
-input gradient likewise, and ``scaling`` only ever multiplies rank-r tensors. In float32 the numbers equal
+adapter's product and the base GEMM meet in one GEMM epilogue (``addmm_``, beta=1), the input gradient
+likewise, and ``scaling`` only ever multiplies rank-r tensors. In float32 the numbers equal
 peft's to rounding (tests/test_lora_fused.py); under bf16 autocast the sum is rounded once instead of three
 times.
 
@@ -36,16 +36,19 @@ log = logging.getLogger(__name__)
 
 
 _ORIGINAL_FORWARD: Any = None  # peft's Linear.forward while the patch is in place
+# Order of the two GEMMs writing each output: True = rank-r product first, base GEMM accumulating into it
+# (the default); False = base GEMM first, rank-r addmm_ into it. Kept switchable for the benchmark's A/B.
+BASE_GEMM_LAST = True
 
 
 class _FusedLoraLinear(torch.autograd.Function):
     """``y = x @ W^T (+ bias) + scaling * (x @ A^T) @ B^T`` for a frozen base weight, in as few passes as possible.
 
-    Forward: the base GEMM writes ``y``; ``h = x @ A^T`` is rank-r; one ``addmm_`` adds ``scaling * h @ B^T``
-    into ``y`` inside the GEMM's epilogue (cuBLAS reads and writes ``y`` once). Backward: ``gh = scaling * g @ B``
-    (rank-r), ``dB = scaling * g^T @ h``, ``dA = gh^T @ x``, and ``dx = g @ W`` with ``gh @ A`` accumulated into it
-    by a second ``addmm_``. peft's path instead writes ``lora_B``'s output, scales it, adds it (3 more full-size
-    passes in forward), scales the full-size gradient in backward and adds the two input gradients.
+    Forward: ``h = x @ A^T`` is rank-r; ``scaling * h @ B^T`` writes ``y``; the base GEMM then accumulates
+    ``x @ W^T`` into ``y`` in its epilogue (``addmm_``, beta=1). Backward: ``gh = scaling * g @ B`` (rank-r),
+    ``dB = scaling * g^T @ h``, ``dA = gh^T @ x``, and ``dx = gh @ A`` with ``g @ W`` accumulated into it the
+    same way. peft's path instead writes ``lora_B``'s output, scales it, adds it (3 more full-size passes in
+    forward), scales the full-size gradient in backward and adds the two input gradients.
     All tensors arrive in one compute dtype (the caller casts the adapters, as autocast would).
     """
 
@@ -54,9 +57,16 @@ class _FusedLoraLinear(torch.autograd.Function):
         in_features = x.shape[-1]
         out_features, rank = weight_b.shape
         x2d = x.reshape(-1, in_features)
-        y = torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
         h = torch.mm(x2d, weight_a.t())
-        y.addmm_(h, weight_b.t(), alpha=scaling)
+        if BASE_GEMM_LAST:
+            # The rank-r product first (it only writes y), then the compute-bound base GEMM accumulates into y
+            # in its epilogue, where reading y hides under the math.
+            h_scaled = h * scaling
+            y = torch.mm(h_scaled, weight_b.t()) if bias is None else torch.addmm(bias, h_scaled, weight_b.t())
+            y.addmm_(x2d, weight.t())
+        else:
+            y = torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
+            y.addmm_(h, weight_b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, weight_a, weight_b, h)
         ctx.scaling = scaling
         return y.view(*x.shape[:-1], out_features)
@@ -75,8 +85,12 @@ class _FusedLoraLinear(torch.autograd.Function):
             if need_a:
                 grad_a = torch.mm(gh.t(), x.reshape(-1, x.shape[-1]))
             if need_x:
-                grad_x = torch.mm(g2d, weight)
-                grad_x.addmm_(gh, weight_a)
+                if BASE_GEMM_LAST:
+                    grad_x = torch.mm(gh, weight_a)
+                    grad_x.addmm_(g2d, weight)
+                else:
+                    grad_x = torch.mm(g2d, weight)
+                    grad_x.addmm_(gh, weight_a)
                 grad_x = grad_x.view(x.shape)
         if need_bias:
             grad_bias = g2d.sum(0)

@@ -80,6 +80,8 @@ ROWS: dict[str, dict] = {
     # no Liger. (In the first call of 2026-11-25 16:00 these rows had no norm fusion and kept Liger's RMSNorm.)
     "abl-fast-layers": dict(BASE_FAST, lora_dropout=0.0, nocast=True, phi3_layers=True),
     "abl-fast-fused-layers": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True),
+    "abl-fast-fused-layers-basefirst": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True,
+                                            base_gemm_first=True),  # fmt: skip
     "prof-fast-fused-layers": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True, profile=True),
     "abl-fast-fused-layers-rows5": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True, rows=5),
     # The recipe with both switched off (the earlier shipped recipe), to A/B through `phi3tune train`.
@@ -427,9 +429,11 @@ def _run_trl(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
 
         patch_peft_input_cast()
     if spec.get("fused"):
-        from phi3tune.lora_fused import patch_lora_fused
+        from phi3tune import lora_fused
 
-        patch_lora_fused()
+        lora_fused.patch_lora_fused()
+        if spec.get("base_gemm_first"):
+            lora_fused.BASE_GEMM_LAST = False
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=spec["lora_dropout"], target_modules="all-linear",
                       task_type="CAUSAL_LM", bias="none")  # fmt: skip
     callbacks = [meter.callback()]

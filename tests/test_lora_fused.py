@@ -84,9 +84,11 @@ def _compare(model, x):
     return out, g
 
 
+@pytest.mark.parametrize("base_gemm_last", [True, False], ids=["base-last", "base-first"])
 @pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24)], ids=["2d", "3d"])
 @pytest.mark.parametrize("lora_alpha", [4, 24], ids=["scaling1", "scaling6"])
-def test_fused_matches_peft_outputs_and_grads(shape, lora_alpha) -> None:
+def test_fused_matches_peft_outputs_and_grads(shape, lora_alpha, base_gemm_last, monkeypatch) -> None:
+    monkeypatch.setattr(lora_fused, "BASE_GEMM_LAST", base_gemm_last)
     model = _peft_model(lora_alpha=lora_alpha)
     assert model.base_model.model.proj.scaling["default"] == lora_alpha / 4
     _compare(model, torch.randn(*shape))
