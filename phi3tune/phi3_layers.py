@@ -42,14 +42,19 @@ def _rope_reference() -> Callable:
 
 
 def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_size: int, kv_size: int, head_dim: int):
-    """Query, key (rotated) and value in ``(batch, heads, seq, head_dim)`` from the fused qkv output."""
+    """Query, key (rotated) and value as ``(batch, heads, seq, head_dim)`` views of ``(batch, seq, heads,
+    head_dim)`` tensors of their own.
+
+    RoPE runs in the token-major layout (``unsqueeze_dim=2``), so flattening tokens for the varlen kernel is
+    free; transformers' head-major RoPE hands it tensors that must be copied (3 copies a layer, ~7 ms a step on
+    the H100). The value gets its own buffer too: a view would keep the whole qkv output alive for backward
+    (18 KB a token a layer).
+    """
     query, key, value = qkv.split([q_size, kv_size, kv_size], dim=-1)
     shape = (*qkv.shape[:-1], -1, head_dim)
-    query = query.view(shape).transpose(1, 2)
-    key = key.view(shape).transpose(1, 2)
-    value = value.view(shape).transpose(1, 2)
-    query, key = _rope_reference()(query, key, cos, sin)
-    return query, key, value
+    query, key = _rope_reference()(query.view(shape), key.view(shape), cos, sin, unsqueeze_dim=2)
+    value = value.reshape(shape).clone(memory_format=torch.contiguous_format)
+    return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
