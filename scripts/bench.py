@@ -92,6 +92,8 @@ ROWS: dict[str, dict] = {
     "abl-fast-compile-noliger": dict(BASE_FAST, lora_dropout=0.0, nocast=True, liger=False, compile=True, steps=24, warmup=10),
     "abl-fast-compile-layers-noliger": dict(BASE_FAST, lora_dropout=0.0, nocast=True, liger=False, compile_layers=True,
                                             steps=24, warmup=10),  # fmt: skip
+    "abl-fast-compile-layers-fused-layers": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True,
+                                                 compile_layers=True),  # fmt: skip
     "abl-fast-compile-layers-noliger-fused": dict(BASE_FAST, lora_dropout=0.0, nocast=True, liger=False,
                                                   compile_layers=True, fused=True, steps=24, warmup=10),  # fmt: skip
 }
