@@ -13,10 +13,11 @@ What it measures, in one run (each row in a fresh subprocess, same data, same ra
           attn_implementation auto -> the fast path of phi3tune/speed.py
   qlora   phi3tune's QLoRA recipe: `phi3tune train configs/qlora.yaml`
   abl-*   ablation rows, plain trl with one lever changed at a time (see ROWS)
-  parity-fast / parity-plain   the fast path vs the plain path (sdpa over the same packed batches, no
-          fused kernels), same seed and batches, per-step losses compared (>= 30 steps)
-  abl-fast-fused, abl-fast-*layers*, lora-nofused, parity-fused, abl-fast-compile*-noliger   the levers
-          measured after the first table (docs/benchmarks.md)
+  parity-fused / parity-plain   the default fast path (fused LoRA linears, compiled Phi-3 layers, varlen)
+          vs the plain path (sdpa over the same packed batches, peft's LoRA, no fused kernels), same seed
+          and batches, per-step losses compared (>= 30 steps); parity-fast is the earlier fast path
+  lora-nofused   the recipe with PHI3TUNE_LORA_FUSED=0 PHI3TUNE_PHI3_LAYERS=0 (A/B through `phi3tune train`)
+  prof-*  a row with torch.profiler over two steps: top kernels, CPU ops, and the GPU's idle gaps
 
 Model: a randomly initialised full-size Phi-3-mini from the real config (saved once as a local base, so
 every row loads the same weights the ordinary from_pretrained way). Data: synthetic chats whose token
@@ -102,7 +103,7 @@ ROWS: dict[str, dict] = {
 # The recipe rows run configs/*.yaml as shipped (attn auto: the fast path decides packing, micro-batch and
 # checkpointing); extra overrides for an experiment go here.
 RECIPE_DEFAULTS: dict[str, list[str]] = {}
-DEFAULT_ROWS = "stock,lora,qlora,abl-pack-sdpa-ckpt,abl-pack-varlen-ckpt,abl-pack-varlen,abl-fast,abl-fast-drop0,parity-fast,parity-plain"
+DEFAULT_ROWS = "stock,lora,lora-nofused,qlora,parity-fused,parity-plain"
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -667,8 +668,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cmd", choices=["run", "probe", "_row"])
     p.add_argument("--rows", default=DEFAULT_ROWS)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--warmup", type=int, default=5)
+    # 30 steps / 10 warm-up: the stock recipe's first-use slow steps (new padded shapes) end by step ~10
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--parity-steps", type=int, default=32)
     p.add_argument("--samples", type=int, default=3000)
     p.add_argument("--max-length", type=int, default=2048)
