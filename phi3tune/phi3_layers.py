@@ -93,6 +93,8 @@ class _CompiledOnce:
             self.compiled = torch.compile(self.fn)
         try:
             return self.compiled(*args)
+        except torch.OutOfMemoryError:
+            raise  # not a compiler failure: the recipe's OOM handling (exit 3, hints) takes it
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager function is the same math
             self.failed = True
             log.warning("fast path: torch.compile of %s failed (%s: %s); running it eagerly", self.fn.__name__,

@@ -132,3 +132,22 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog) -> None:
         wrapped(FakeCuda())
     assert wrapped.failed and len(calls) == 2
     assert sum("torch.compile" in r.message for r in caplog.records) == 1
+
+
+def test_out_of_memory_is_not_taken_for_a_compile_failure(monkeypatch) -> None:
+    """A CUDA OOM inside the compiled function propagates (exit 3 with hints), and compiling stays on."""
+    wrapped = phi3_layers._CompiledOnce(phi3_layers.swiglu)
+
+    class FakeCuda:
+        device = torch.device("cuda")
+
+    def oom_compile(fn):
+        def call(*args):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", oom_compile)
+    with pytest.raises(torch.OutOfMemoryError):
+        wrapped(FakeCuda())
+    assert not wrapped.failed
