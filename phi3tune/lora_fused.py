@@ -11,7 +11,8 @@ one), a full-size ``* scaling`` of the gradient in backward, and a full-size add
 adapter's product and the base GEMM meet in one GEMM epilogue (``addmm_``, beta=1), the input gradient
 likewise, and ``scaling`` only ever multiplies rank-r tensors. In float32 the numbers equal
 peft's to rounding (tests/test_lora_fused.py); under bf16 autocast the sum is rounded once instead of three
-times.
+times. Measured on an H100 (docs/benchmarks.md): 20,246 -> 22,417 tokens/s (x1.11) in the trl loop, same
+call; the GEMM order here (base GEMM last) is another x1.04 over the reverse.
 
 Only the common case is fused; everything else runs peft's own forward unchanged: single active adapter,
 vanilla LoRA (no DoRA or other variant), not merged, adapters enabled, no ``adapter_names``/extra kwargs,

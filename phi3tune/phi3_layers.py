@@ -1,4 +1,4 @@
-"""Phi-3's attention and MLP forwards for the fast path: the same math in fewer full-size passes.
+"""Phi-3's decoder layer, attention and MLP forwards for the fast path: the same math in fewer full-size passes.
 
 transformers' ``Phi3Attention.forward`` takes query, key and value out of the fused ``qkv_proj`` output
 with three slices. In backward every slice allocates a zero tensor of the whole ``[tokens, 9216]`` output,
@@ -12,7 +12,9 @@ The residual adds and RMSNorms of ``Phi3DecoderLayer.forward`` (Liger's RMSNorm 
 
 Here the split + RoPE, the SwiGLU and the norms are small pure functions -- transformers' own ``apply_rotary_pos_emb``
 and ``silu(gate) * up`` on the fused tensors -- compiled with ``torch.compile`` so that each is one fused
-kernel forward and one backward that writes the fused gradient directly. On a CPU, or where compiling
+kernel forward and one backward that writes the fused gradient directly. Measured on an H100
+(docs/benchmarks.md): 23,480 -> 25,612 tokens/s (x1.09) over the fused LoRA linears with Liger's kernels,
+and with both the recipe goes from 21,201 to 25,919 tokens/s, same call. On a CPU, or where compiling
 fails (no Triton/C compiler), the same functions run eagerly (one warning), still with the cheap split.
 
 API: ``patch_phi3_layers() -> bool``, ``unpatch_phi3_layers()``, ``is_patched() -> bool``. Process-wide,
@@ -167,7 +169,9 @@ def attention_forward(
     if past_key_values is not None:
         key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, eager_attention_forward
+    )
     attn_output, attn_weights = attention_interface(
         self,
         query_states,

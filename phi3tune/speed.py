@@ -279,7 +279,9 @@ def apply_fast_path(
                 "fused_linear_cross_entropy": False,
             }
     else:
-        lines.append("fast path: Liger kernels not installed (pip install 'phi3tune[fast]'): plain PyTorch RMSNorm/RoPE/SwiGLU")
+        lines.append(
+            "fast path: Liger kernels not installed (pip install 'phi3tune[fast]'): plain PyTorch RMSNorm/RoPE/SwiGLU"
+        )
     # trl 1.16 marks use_liger_kernel deprecated in favour of hub kernels (which need the internet).
     warnings.filterwarnings("ignore", message=r".*use_liger_kernel=True.*deprecated.*", category=FutureWarning)
 
@@ -294,7 +296,9 @@ def apply_fast_path(
         from phi3tune.lora_fused import patch_lora_fused
 
         if patch_lora_fused():
-            lines.append(f"fast path: fused base + LoRA linears (one GEMM epilogue add; {LORA_FUSED_ENV}=0 turns it off)")
+            lines.append(
+                f"fast path: fused base + LoRA linears (one GEMM epilogue add; {LORA_FUSED_ENV}=0 turns it off)"
+            )
     else:
         lines.append(f"fast path: fused LoRA linears off ({LORA_FUSED_ENV}=0)")
 
