@@ -79,13 +79,20 @@ class _Translator:
         target[new] = value
         self.warnings.append(f"{src}.{old}: {why}; using {dst}.{new}: {value!r}")
 
+    def rename_within(self, name: str, renames: dict[str, str], why: str) -> dict[str, Any] | None:
+        """Apply ``renames`` inside section ``name``; the section, or None when the document has none."""
+        section = self.doc.get(name)
+        if not isinstance(section, dict):
+            return None
+        for old, new in renames.items():
+            if old in section:
+                self.move(name, old, name, new, section.pop(old), why)
+        return section
+
     def model(self) -> None:
-        model = self.doc.get("model")
-        if not isinstance(model, dict):
+        model = self.rename_within("model", MODEL_RENAMES, "old name")
+        if model is None:
             return
-        for old, new in MODEL_RENAMES.items():
-            if old in model:
-                self.move("model", old, "model", new, model.pop(old), "old name")
         if "trust_remote_code" in model:
             model.pop("trust_remote_code")
             self.problems.append(
@@ -202,12 +209,7 @@ class _Translator:
             self.move("training_config", "fp16", "model", "dtype", "float16", "fp16 training")
 
     def peft(self) -> None:
-        peft = self.doc.get("peft_config")
-        if not isinstance(peft, dict):
-            return
-        for old, new in PEFT_RENAMES.items():
-            if old in peft:
-                self.move("peft_config", old, "peft_config", new, peft.pop(old), "not a LoraConfig field")
+        self.rename_within("peft_config", PEFT_RENAMES, "not a LoraConfig field")
 
 
 def translate_legacy(doc: dict[str, Any], training_fields: set[str]) -> tuple[list[str], list[str]]:

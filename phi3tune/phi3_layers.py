@@ -33,14 +33,16 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_ORIGINAL: dict[str, Any] = {}
+_ORIGINAL: dict[str, Any] = {}  # what patch_phi3_layers replaced, and transformers' Phi-3 module while patched
 
 
 def _rope_reference() -> Callable:
     """transformers' own Phi-3 RoPE; the original even if Liger has since patched the module attribute."""
+    if "rope" in _ORIGINAL:
+        return _ORIGINAL["rope"]
     from transformers.models.phi3 import modeling_phi3
 
-    return _ORIGINAL.get("rope") or modeling_phi3.apply_rotary_pos_emb
+    return modeling_phi3.apply_rotary_pos_emb
 
 
 def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_size: int, kv_size: int, head_dim: int):
@@ -157,8 +159,7 @@ def attention_forward(
     **kwargs: Any,
 ):
     """``Phi3Attention.forward`` (transformers 5.17) with one split + RoPE function in place of three slices."""
-    from transformers.models.phi3.modeling_phi3 import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
-
+    modeling_phi3 = _ORIGINAL["module"]
     input_shape = hidden_states.shape[:-1]
     qkv = self.qkv_proj(hidden_states)
     q_size = self.config.num_attention_heads * self.head_dim
@@ -169,8 +170,8 @@ def attention_forward(
     if past_key_values is not None:
         key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, eager_attention_forward
+    attention_interface = modeling_phi3.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, modeling_phi3.eager_attention_forward
     )
     attn_output, attn_weights = attention_interface(
         self,
@@ -211,6 +212,7 @@ def patch_phi3_layers() -> bool:
         attention=modeling_phi3.Phi3Attention.forward,
         mlp=modeling_phi3.Phi3MLP.forward,
         rope=modeling_phi3.apply_rotary_pos_emb,
+        module=modeling_phi3,
     )
     modeling_phi3.Phi3DecoderLayer.forward = decoder_layer_forward
     modeling_phi3.Phi3Attention.forward = attention_forward

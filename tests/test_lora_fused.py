@@ -2,7 +2,7 @@
 
 Every check builds the same layer twice (same seed), runs one through peft's forward and one through the
 patched forward, and compares outputs and the gradients of lora_A, lora_B and the input in float32. The
-patch is process-wide, so each test turns it off again (fixture below) and the last test checks that a
+patch is process-wide, so each test turns it off again (conftest.py's autouse fixture) and the last test checks that a
 ``phi3tune train`` run does not turn it on.
 """
 
@@ -19,14 +19,6 @@ from phi3tune import lora_fused
 
 # float32: absolute error up to ~1e-6 of the tensor's largest entry (a few ulps after r-long sums)
 ATOL, RTOL = 1e-6, 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _unpatched():
-    """Each test starts and ends with peft's own forward."""
-    lora_fused.unpatch_lora_fused()
-    yield
-    lora_fused.unpatch_lora_fused()
 
 
 class _Block(nn.Module):

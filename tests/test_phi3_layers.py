@@ -18,13 +18,6 @@ from phi3tune import attention, phi3_layers
 pytestmark = needs_hf_home
 
 
-@pytest.fixture(autouse=True)
-def _unpatched():
-    phi3_layers.unpatch_phi3_layers()
-    yield
-    phi3_layers.unpatch_phi3_layers()
-
-
 def _tiny(attn: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
