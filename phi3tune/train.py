@@ -28,7 +28,9 @@ from rich.console import Console
 from phi3tune import modeling
 from phi3tune.errors import ResourceError, UsageError
 from phi3tune.report import read_metrics, write_report
-from phi3tune.speed import apply_fast_path, prepare_kbit_model, resolve_attn_implementation
+from phi3tune.fastpath import apply_patches, resolve_attn_implementation
+from phi3tune.model.kbit import prepare_kbit_model
+from phi3tune.training.arguments import build_training_args
 from phi3tune.callbacks import MetricsFileCallback, ProgressCallback
 from phi3tune.checkpoints import (
     CHECKPOINTS_DIR,
@@ -77,24 +79,6 @@ def _library_versions() -> dict[str, str]:
         "accelerate": accelerate.__version__,
         "datasets": datasets.__version__,
     }
-
-
-def build_training_args(cfg, output_dir: Path, device: str, dtype: torch.dtype) -> tuple[dict[str, Any], list[str]]:
-    """SFTConfig keyword arguments: the user's training_config, adjusted to the device and phi3tune's layout."""
-    from phi3tune.config import finalize_training_args
-
-    args = finalize_training_args(dict(cfg.training_config), device_type=device, model_dtype=dtype)
-    args, notes = apply_fast_path(cfg.model, args, device)
-    args["output_dir"] = str(output_dir / CHECKPOINTS_DIR)
-    args.setdefault("report_to", "none")
-    args["disable_tqdm"] = True  # our ProgressCallback replaces tqdm
-    args.setdefault("logging_steps", 10)
-    if device == "cpu":
-        args["dataloader_pin_memory"] = False
-    # The data arrive tokenised with labels (input_ids + labels), so trl only truncates/packs them.
-    args.pop("assistant_only_loss", None)
-    args.pop("dataset_text_field", None)
-    return args, notes
 
 
 def write_run_config(cfg, output_dir: Path, *, device: str, attn: str, dtype: torch.dtype, data_info: dict) -> None:
@@ -172,7 +156,9 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
     lora_config = modeling.build_lora_config(cfg.peft_config, modeling.leaf_module_names(model_config))
 
     # 4. Data: validated, rendered with the Phi-3 template, assistant-only labels.
-    args_dict, speed_notes = build_training_args(cfg, output_dir, device, dtype)
+    fast_path = build_training_args(cfg, output_dir, device, dtype)
+    args_dict, speed_notes = fast_path.args, fast_path.notes
+    apply_patches(fast_path)
     max_length = int(args_dict.get("max_length") or 1024)
     data = prepare_datasets(cfg.data, tokenizer, max_length=max_length, seed=seed, base_dir=cfg.base_dir)
     for line in data.report.summary_lines():

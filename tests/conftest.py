@@ -79,7 +79,6 @@ def trained_run(offline_hf_home: Path | None, tmp_path_factory: pytest.TempPathF
 def _fast_path_patches_restored():
     """The GPU fast path patches peft and transformers process-wide; no test leaves them on for the next one."""
     yield
-    from phi3tune import lora_fused, phi3_layers
+    from phi3tune.fastpath import unpatch_all
 
-    lora_fused.unpatch_lora_fused()
-    phi3_layers.unpatch_phi3_layers()
+    unpatch_all()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import PHI3_ID, needs_hf_home
-from phi3tune import attention, speed
+from phi3tune.fastpath import attention, peft_cast
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -31,7 +31,7 @@ def _pair(sliding_window: int | None = 8, seed: int = 0):
     """The same random tiny Phi-3 twice: sdpa (transformers' own masks) and varlen."""
     from transformers import AutoModelForCausalLM
 
-    attention.register_attention()
+    attention.patch()
     cfg = _tiny_config(sliding_window)
     torch.manual_seed(seed)
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
@@ -183,51 +183,6 @@ def test_loss_parity_fast_vs_plain_over_30_steps() -> None:
     assert max(rel) < 0.01, max(rel)
 
 
-# --------------------------------------------------------------------------------------------- policy
-def _model_cfg(attn: str = "auto", quantization: str | None = None):
-    return SimpleNamespace(attn_implementation=attn, quantization=quantization)
-
-
-def test_auto_is_sdpa_on_cpu_and_explicit_values_are_kept() -> None:
-    assert speed.resolve_attn_implementation("auto", "cpu") == "sdpa"
-    assert speed.resolve_attn_implementation("eager", "cuda") == "eager"
-    assert speed.resolve_attn_implementation("varlen", "cpu") == attention.VARLEN
-
-
-def test_fast_path_is_off_on_cpu_and_for_explicit_attention() -> None:
-    args = {"per_device_train_batch_size": 4, "bf16": False}
-    same, lines = speed.apply_fast_path(_model_cfg(), args, "cpu")
-    assert same == args and "off" in lines[0]
-    same, lines = speed.apply_fast_path(_model_cfg("sdpa"), args, "cuda", gpu_memory_bytes=80e9)
-    assert same == args and "explicitly" in lines[0]
-
-
-def test_fast_path_lora_on_an_80gb_card() -> None:
-    args, lines = speed.apply_fast_path(_model_cfg(), {"max_length": 2048, "bf16": True}, "cuda", gpu_memory_bytes=85e9)
-    assert args["packing"] is True and args["packing_strategy"] == "bfd"
-    assert args["per_device_train_batch_size"] == speed.TOKEN_BUDGET // 2048
-    assert args["gradient_checkpointing"] is False
-    assert any("activation checkpointing none" in line for line in lines)
-
-
-def test_fast_path_keeps_user_keys_and_splits_big_batches() -> None:
-    user = {"max_length": 2048, "bf16": True, "packing": False, "gradient_checkpointing": True}
-    args, lines = speed.apply_fast_path(_model_cfg(), user, "cuda", gpu_memory_bytes=85e9)
-    assert args["packing"] is False and args["gradient_checkpointing"] is True
-    assert any("keeping packing=False" in line for line in lines)
-    args, lines = speed.apply_fast_path(_model_cfg(), {"max_length": 2048, "per_device_train_batch_size": 16}, "cuda",
-                                        gpu_memory_bytes=85e9)  # fmt: skip
-    assert args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] == 16
-    assert args["per_device_train_batch_size"] * 2048 <= speed.TOKEN_BUDGET
-
-
-def test_fast_path_qlora_stays_in_its_memory_budget() -> None:
-    args, _ = speed.apply_fast_path(_model_cfg(quantization="4bit"), {"max_length": 2048}, "cuda", gpu_memory_bytes=85e9)
-    assert args["gradient_checkpointing"] is True
-    mode, peak = speed.plan_memory(args["per_device_train_batch_size"] * 2048, True, speed.QLORA_MEMORY_BUDGET)
-    assert peak <= speed.QLORA_MEMORY_BUDGET
-
-
 def test_peft_input_cast_patch_changes_no_number_under_autocast() -> None:
     from peft import LoraConfig, get_peft_model
 
@@ -245,7 +200,7 @@ def test_peft_input_cast_patch_changes_no_number_under_autocast() -> None:
         return [y.detach().clone(), x.grad.clone()] + [p.grad.clone() for n, p in model.named_parameters() if "lora" in n]
 
     before = run()
-    assert speed.patch_peft_input_cast()
+    assert peft_cast.patch()
     after = run()
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
@@ -263,18 +218,3 @@ def test_cuda_varlen_kernel_matches_reference() -> None:  # pragma: no cover - G
         assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
 
 
-def test_prepare_kbit_model_accepts_the_trainer_only_checkpointing_keys() -> None:
-    """Regression: every_n_layers was forwarded through torch.utils.checkpoint to the layers and ignored."""
-    import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    from phi3tune.speed import prepare_kbit_model
-
-    config = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
-    model = prepare_kbit_model(Phi3ForCausalLM(config), True, {"use_reentrant": False, "every_n_layers": 2})
-    model.train()
-    out = model(input_ids=torch.randint(0, 64, (1, 8)), labels=torch.randint(0, 64, (1, 8)))
-    assert torch.isfinite(out.loss)
-    assert all(not p.requires_grad for p in model.parameters())
-    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False, True, False]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from conftest import PHI3_ID, TINY_CONFIG, needs_hf_home
-from phi3tune import lora_fused
+from phi3tune.fastpath import lora_fused
 
 # float32: absolute error up to ~1e-6 of the tensor's largest entry (a few ulps after r-long sums)
 ATOL, RTOL = 1e-6, 1e-5
@@ -44,9 +44,9 @@ def _peft_model(lora_alpha: int = 24, dropout: float = 0.0, bias: bool = False, 
 def _run(model, x: torch.Tensor, fused: bool):
     """Output and gradients (lora_A, lora_B, input) of a random-weighted sum of the output."""
     if fused:
-        assert lora_fused.patch_lora_fused()
+        assert lora_fused.patch()
     else:
-        lora_fused.unpatch_lora_fused()
+        lora_fused.unpatch()
     x = x.clone().requires_grad_(True)
     out = model(x)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
@@ -114,7 +114,7 @@ def test_trainable_base_falls_back(monkeypatch) -> None:
     model = _peft_model()
     model.base_model.model.proj.base_layer.weight.requires_grad_(True)
     monkeypatch.setattr(lora_fused._FusedLoraLinear, "apply", lambda *a: pytest.fail("fused path with a trainable base"))
-    lora_fused.patch_lora_fused()
+    lora_fused.patch()
     model(torch.randn(2, 24)).sum().backward()
     assert model.base_model.model.proj.base_layer.weight.grad is not None
 
@@ -126,7 +126,7 @@ def test_frozen_input_still_trains_adapter() -> None:
     x = torch.randn(4, 24)
     out_ref = ref(x)
     out_ref.sum().backward()
-    lora_fused.patch_lora_fused()
+    lora_fused.patch()
     out = model(x)
     out.sum().backward()
     _close(out.detach(), out_ref.detach(), "output")
@@ -139,7 +139,7 @@ def test_frozen_input_still_trains_adapter() -> None:
 def test_disabled_adapter_matches_base() -> None:
     model = _peft_model()
     x = torch.randn(3, 5, 24)
-    lora_fused.patch_lora_fused()
+    lora_fused.patch()
     with model.disable_adapter():
         out = model(x)
     torch.testing.assert_close(out, model.base_model.model.proj.base_layer(x))
@@ -164,7 +164,7 @@ def test_dropout_in_eval_mode_is_fused() -> None:
     model = _peft_model(dropout=0.3).eval()
     x = torch.randn(3, 5, 24)
     ref_out = copy.deepcopy(model)(x)
-    lora_fused.patch_lora_fused()
+    lora_fused.patch()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref_out.detach(), atol=ATOL, rtol=RTOL)
 
@@ -176,10 +176,10 @@ def test_merged_and_dora_fall_back() -> None:
     merged = _peft_model()
     expected = merged(x).detach()
     merged.merge_adapter()
-    lora_fused.patch_lora_fused()
+    lora_fused.patch()
     torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
 
-    lora_fused.unpatch_lora_fused()
+    lora_fused.unpatch()
     torch.manual_seed(0)
     dora = get_peft_model(_Block(), LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["proj"]))
     with torch.no_grad():
@@ -196,7 +196,7 @@ def test_bf16_autocast_close_to_peft() -> None:
     outs, grads = [], []
     for m, fused in ((ref, False), (model, True)):
         if fused:
-            lora_fused.patch_lora_fused()
+            lora_fused.patch()
         xx = x.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = m(xx)
@@ -239,7 +239,7 @@ def test_tiny_phi3_loss_and_grads_equal_with_and_without_patch(monkeypatch) -> N
 
     loss_ref, g_ref = loss_and_grads(ref)
     calls = _spy(monkeypatch)
-    lora_fused.patch_lora_fused()
+    lora_fused.patch()
     loss, g = loss_and_grads(model)
     assert len(g) == 2 * 4 * 2  # 2 layers x (qkv_proj, o_proj, gate_up_proj, down_proj) x (A, B)
     assert len(calls) == 8  # every LoRA linear took the fused path
@@ -252,25 +252,11 @@ def test_unpatch_restores_peft_forward() -> None:
     from peft.tuners.lora.layer import Linear
 
     original = Linear.forward
-    assert lora_fused.patch_lora_fused() and lora_fused.is_patched()
+    assert lora_fused.patch() and lora_fused.is_patched()
     assert Linear.forward is lora_fused._fused_forward
-    assert lora_fused.patch_lora_fused()  # idempotent
-    lora_fused.unpatch_lora_fused()
+    assert lora_fused.patch()  # idempotent
+    lora_fused.unpatch()
     assert not lora_fused.is_patched() and Linear.forward is original
-
-
-def test_fast_path_policy_turns_it_on_unless_switched_off(monkeypatch) -> None:
-    from types import SimpleNamespace
-
-    from phi3tune import speed
-
-    model_cfg = SimpleNamespace(attn_implementation="auto", quantization=None)
-    monkeypatch.setenv(speed.LORA_FUSED_ENV, "0")
-    _, lines = speed.apply_fast_path(model_cfg, {"max_length": 2048}, "cuda", gpu_memory_bytes=80e9)
-    assert not lora_fused.is_patched() and any("fused LoRA linears off" in line for line in lines)
-    monkeypatch.delenv(speed.LORA_FUSED_ENV)
-    _, lines = speed.apply_fast_path(model_cfg, {"max_length": 2048}, "cuda", gpu_memory_bytes=80e9)
-    assert lora_fused.is_patched() and any("fused base + LoRA" in line for line in lines)
 
 
 @needs_hf_home

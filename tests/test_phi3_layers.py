@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import PHI3_ID, needs_hf_home
-from phi3tune import attention, phi3_layers
+from phi3tune.fastpath import attention, phi3_layers
 
 pytestmark = needs_hf_home
 
@@ -25,7 +25,7 @@ def _tiny(attn: str):
     for key, value in dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=4, sliding_window=8).items():  # fmt: skip
         setattr(cfg, key, value)
-    attention.register_attention()
+    attention.patch()
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
 
@@ -50,7 +50,7 @@ def _loss_and_grads(model, **inputs):
 
 def _compare(ref, patched_model, **inputs):
     logits_ref, loss_ref, g_ref = _loss_and_grads(ref, **inputs)
-    assert phi3_layers.patch_phi3_layers() and phi3_layers.is_patched()
+    assert phi3_layers.patch() and phi3_layers.is_patched()
     logits, loss, g = _loss_and_grads(patched_model, **inputs)
     torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-6)
@@ -83,7 +83,7 @@ def test_generation_with_kv_cache_unchanged() -> None:
     model = _tiny("sdpa").eval()
     ids = torch.randint(10, 32000, (1, 6), generator=torch.Generator().manual_seed(3))
     expected = model.generate(ids, max_new_tokens=8, do_sample=False)
-    phi3_layers.patch_phi3_layers()
+    phi3_layers.patch()
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
 
 
@@ -92,11 +92,11 @@ def test_patch_is_class_level_and_reversible() -> None:
 
     attn, mlp = modeling_phi3.Phi3Attention.forward, modeling_phi3.Phi3MLP.forward
     layer = modeling_phi3.Phi3DecoderLayer.forward
-    assert phi3_layers.patch_phi3_layers() and phi3_layers.patch_phi3_layers()  # idempotent
+    assert phi3_layers.patch() and phi3_layers.patch()  # idempotent
     assert modeling_phi3.Phi3DecoderLayer.forward is phi3_layers.decoder_layer_forward
     assert modeling_phi3.Phi3Attention.forward is phi3_layers.attention_forward
     assert modeling_phi3.Phi3MLP.forward is phi3_layers.mlp_forward
-    phi3_layers.unpatch_phi3_layers()
+    phi3_layers.unpatch()
     assert modeling_phi3.Phi3Attention.forward is attn and modeling_phi3.Phi3MLP.forward is mlp
     assert modeling_phi3.Phi3DecoderLayer.forward is layer
     assert not phi3_layers.is_patched()
@@ -148,7 +148,7 @@ def test_out_of_memory_is_not_taken_for_a_compile_failure(monkeypatch) -> None:
 
 def test_with_activation_checkpointing_and_fused_lora_same_grads(monkeypatch) -> None:
     """Smaller GPUs get (every-n) activation checkpointing with both fast-path patches: same loss and grads."""
-    from phi3tune import lora_fused
+    from phi3tune.fastpath import lora_fused
 
     calls = []
     original_forward = lora_fused._FusedLoraLinear.forward
@@ -160,7 +160,7 @@ def test_with_activation_checkpointing_and_fused_lora_same_grads(monkeypatch) ->
     ids = torch.randint(10, 32000, (1, sum(lengths)), generator=torch.Generator().manual_seed(4))
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     _, loss_ref, g_ref = _loss_and_grads(ref, input_ids=ids, position_ids=pos, labels=ids)
-    assert lora_fused.patch_lora_fused() and phi3_layers.patch_phi3_layers()
+    assert lora_fused.patch() and phi3_layers.patch()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     _, loss, g = _loss_and_grads(model, input_ids=ids, position_ids=pos, labels=ids)

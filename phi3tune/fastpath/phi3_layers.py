@@ -17,10 +17,10 @@ kernel forward and one backward that writes the fused gradient directly. Measure
 and with both the recipe goes from 21,201 to 25,919 tokens/s, same call. On a CPU, or where compiling
 fails (no Triton/C compiler), the same functions run eagerly (one warning), still with the cheap split.
 
-API: ``patch_phi3_layers() -> bool``, ``unpatch_phi3_layers()``, ``is_patched() -> bool``. Process-wide,
+API: ``patch() -> bool``, ``unpatch()``, ``is_patched() -> bool``, like every module of ``phi3tune/fastpath/``. Process-wide,
 reversible class-level patches of ``Phi3DecoderLayer.forward``, ``Phi3Attention.forward`` and
 ``Phi3MLP.forward``. They make Liger's Phi-3 kernels redundant; Liger patches instances, so
-``phi3tune/speed.py`` leaves Liger off while they are on.
+``phi3tune/fastpath/policy.py`` leaves Liger off while they are on.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_ORIGINAL: dict[str, Any] = {}  # what patch_phi3_layers replaced, and transformers' Phi-3 module while patched
+_ORIGINAL: dict[str, Any] = {}  # what patch() replaced, and transformers' Phi-3 module while patched
 
 
 def _rope_reference() -> Callable:
@@ -199,7 +199,7 @@ def is_patched() -> bool:
     return bool(_ORIGINAL)
 
 
-def patch_phi3_layers() -> bool:
+def patch() -> bool:
     """Install the forwards above on transformers' Phi-3 classes (idempotent). False where Phi-3 is missing."""
     if _ORIGINAL:
         return True
@@ -220,7 +220,7 @@ def patch_phi3_layers() -> bool:
     return True
 
 
-def unpatch_phi3_layers() -> None:
+def unpatch() -> None:
     if not _ORIGINAL:
         return
     from transformers.models.phi3 import modeling_phi3

@@ -21,8 +21,8 @@ vanilla LoRA (no DoRA or other variant), not merged, adapters enabled, no ``adap
 base, or everything in one dtype). QLoRA's ``peft.tuners.lora.bnb.Linear4bit`` is a separate class whose
 forward is not patched: QLoRA keeps peft's path.
 
-API: ``patch_lora_fused() -> bool``, ``unpatch_lora_fused()``, ``is_patched() -> bool``. Process-wide and
-reversible; ``phi3tune/speed.py`` turns it on for the fast path.
+API: ``patch() -> bool``, ``unpatch()``, ``is_patched() -> bool``, like every module of ``phi3tune/fastpath/``.
+Process-wide and reversible; ``phi3tune/fastpath/policy.py`` decides when it is on.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def is_patched() -> bool:
     return _ORIGINAL_FORWARD is not None
 
 
-def patch_lora_fused() -> bool:
+def patch() -> bool:
     """Install the fused forward on ``peft.tuners.lora.layer.Linear`` (process-wide, idempotent).
 
     Returns True once it is in place, False where peft cannot be imported.
@@ -179,7 +179,7 @@ def patch_lora_fused() -> bool:
     return True
 
 
-def unpatch_lora_fused() -> None:
+def unpatch() -> None:
     """Put peft's own ``lora.Linear.forward`` back (for tests, and A/B runs in one process)."""
     global _ORIGINAL_FORWARD
     if _ORIGINAL_FORWARD is None:

@@ -1,6 +1,6 @@
 """phi3tune's fast attention path: padding-free variable-length attention, registered as ``"varlen"``.
 
-``register_attention()`` adds one implementation, ``VARLEN = "varlen"``, to transformers'
+``patch()`` adds one implementation, ``VARLEN = "varlen"``, to transformers'
 ``AttentionInterface`` (the function) and ``AttentionMaskInterface`` (its mask builder). After that,
 ``from_pretrained(..., attn_implementation="varlen")`` works like any built-in implementation.
 
@@ -29,7 +29,7 @@ How it computes attention
 Public API
 ----------
 ``VARLEN``                          the implementation name ("varlen")
-``register_attention() -> str``     idempotent; returns ``VARLEN``
+``patch() -> bool`` / ``unpatch()`` / ``is_patched()``  register ``varlen`` (idempotent), like every fastpath module
 ``varlen_kernel_available(device_type="cuda") -> bool``
 ``varlen_attention_forward(module, q, k, v, attention_mask, ...)``  the registered function
 ``reference_varlen_attention(q, k, v, cu_seqlens, scale, window)``  CPU/any-device reference
@@ -82,6 +82,11 @@ def _resolve_kernel() -> tuple[Any, str | None]:
         _KERNEL_STYLE = "missing"
         return None, None
     return _KERNEL, _KERNEL_STYLE
+
+
+def varlen_kernel_in_torch() -> bool:
+    """Whether this torch build has ``varlen_attn`` at all (whatever the device)."""
+    return _resolve_kernel()[0] is not None
 
 
 def varlen_kernel_available(device_type: str = "cuda") -> bool:
@@ -304,8 +309,8 @@ def varlen_mask(
     )
 
 
-def register_attention() -> str:
-    """Register ``varlen`` with transformers (idempotent) and return its name."""
+def patch() -> bool:
+    """Register ``varlen`` with transformers' attention and mask interfaces (idempotent)."""
     global _REGISTERED
     if not _REGISTERED:
         from transformers import AttentionInterface
@@ -314,4 +319,21 @@ def register_attention() -> str:
         AttentionInterface.register(VARLEN, varlen_attention_forward)
         AttentionMaskInterface.register(VARLEN, varlen_mask)
         _REGISTERED = True
-    return VARLEN
+    return True
+
+
+def unpatch() -> None:
+    """Remove ``varlen`` from transformers' registries (a model loaded with it then fails to run, as it should)."""
+    global _REGISTERED
+    if not _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    for registry in (AttentionInterface, AttentionMaskInterface):
+        registry._global_mapping.pop(VARLEN, None)
+    _REGISTERED = False
+
+
+def is_patched() -> bool:
+    return _REGISTERED
