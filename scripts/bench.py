@@ -1,30 +1,29 @@
 #!/usr/bin/env python3
-"""Benchmark phi3tune's training speed against the stock Phi-3 recipe on one GPU (issue 5).
+"""Benchmark phi3tune's shipped recipes against the stock Phi-3 recipe on one GPU, in one call.
 
-    python scripts/bench.py run --out bench_out            # the full table: stock, phi3tune LoRA, QLoRA, ablations
-    python scripts/bench.py run --rows stock,lora --steps 20
-    python scripts/bench.py probe --out bench_out          # environment + attention microbenchmark (varlen/flex/sdpa)
-    python scripts/bench.py run --cpu-smoke                # tiny model on a CPU: checks the script end to end
+    python scripts/bench.py run --out bench_out                 # stock, lora, qlora, prof-lora
+    python scripts/bench.py run --rows stock,lora,lora-plain,mem-lora-full --steps 30
+    python scripts/bench.py run --cpu-smoke                     # tiny model on a CPU: checks the script end to end
 
-What it measures, in one run (each row in a fresh subprocess, same data, same random base weights):
-  stock   the model card's recipe on current trl: padded batches of 4, sdpa, activation checkpointing,
-          LoRA r=16/alpha 32/dropout 0.05 all-linear, bf16, plain trl SFTTrainer
-  lora    phi3tune's default LoRA recipe: `phi3tune train configs/lora.yaml` (the CLI, in-process),
-          attn_implementation auto -> the fast path of phi3tune/speed.py
-  qlora   phi3tune's QLoRA recipe: `phi3tune train configs/qlora.yaml`
-  abl-*   ablation rows, plain trl with one lever changed at a time (see ROWS)
-  parity-fused / parity-plain   the default fast path (fused LoRA linears, compiled Phi-3 layers, varlen)
-          vs the plain path (sdpa over the same packed batches, peft's LoRA, no fused kernels), same seed
-          and batches, per-step losses compared (>= 30 steps); parity-fast is the earlier fast path
-  lora-nofused   the recipe with PHI3TUNE_LORA_FUSED=0 PHI3TUNE_PHI3_LAYERS=0 (A/B through `phi3tune train`)
-  prof-*  a row with torch.profiler over two steps: top kernels, CPU ops, and the GPU's idle gaps
+Rows (each in a fresh subprocess, same data, same random base weights):
+  stock        the model card's recipe on current trl, as a user of the sample script runs it: padded batches of
+               4, sdpa, activation checkpointing, LoRA r=16/alpha 32/dropout 0.05 all-linear, bf16, plain
+               SFTTrainer. Its settings are the model card's, not phi3tune's: this is the baseline.
+  lora, qlora  `phi3tune train configs/lora.yaml` / `configs/qlora.yaml` as shipped, through the CLI in-process
+  lora-plain   the LoRA recipe with model.fast_path.fused_lora/compiled_layers off (same call A/B)
+  mem-*        the LoRA recipe with other checkpointing / micro-batches, to check the memory model
+  prof-lora    the LoRA recipe under torch.profiler for two steps: top kernels, CPU ops, the GPU's idle gaps
+
+Every recipe row also records the dry run's estimated peak (phi3tune.plan.memory_verdict, the same
+policy and memory model `phi3tune train --dry-run` prints) beside the measured one.
 
 Model: a randomly initialised full-size Phi-3-mini from the real config (saved once as a local base, so
 every row loads the same weights the ordinary from_pretrained way). Data: synthetic chats whose token
 lengths are lognormal (mean ~740, capped at 2048; fixed seed), tokenised by phi3tune's own data path.
 Reported: real (non-pad) tokens/s over the measured steps (warm-up and the final step, which carries the
-recipe's end-of-training work, excluded), peak GPU memory (max allocated), the
-ratio to `stock`, the GPU name. Writes bench.json in --out.
+recipe's end-of-training work, excluded), peak GPU memory (max allocated), the ratio to `stock`, the GPU.
+Loss parity of the fast and plain paths is a test (tests/fastpath/test_loss_parity.py), not a row.
+Earlier ablation rows and their results: docs/bench/README.md.
 """
 
 from __future__ import annotations
@@ -44,66 +43,20 @@ sys.path.insert(0, str(REPO))
 PHI3_ID = "microsoft/Phi-3-mini-4k-instruct"
 
 # ----------------------------------------------------------------------------------------------- rows
-# Ablation rows are plain trl SFTTrainer runs with explicit settings, so each lever is isolated.
-BASE_FAST = dict(via="trl", attn="varlen", packing=True, rows=4, ckpt="none", liger=True, lora_dropout=0.05)
+_LORA = "configs/lora.yaml"
 ROWS: dict[str, dict] = {
-    "stock": dict(via="trl", attn="sdpa", packing=False, rows=4, ckpt="full", liger=False, lora_dropout=0.05),
-    "lora": dict(via="recipe", config="configs/lora.yaml"),
+    "stock": dict(via="stock"),
+    "lora": dict(via="recipe", config=_LORA),
     "qlora": dict(via="recipe", config="configs/qlora.yaml", quant="4bit"),
-    # ablations, one lever at a time
-    "abl-pack-sdpa-ckpt": dict(via="trl", attn="sdpa", packing=True, rows=4, ckpt="full", liger=False, lora_dropout=0.05),
-    "abl-pack-varlen-ckpt": dict(via="trl", attn="varlen", packing=True, rows=4, ckpt="full", liger=False, lora_dropout=0.05),
-    "abl-pack-varlen": dict(via="trl", attn="varlen", packing=True, rows=4, ckpt="none", liger=False, lora_dropout=0.05),
-    "abl-fast": dict(BASE_FAST),
-    "abl-fast-drop0": dict(BASE_FAST, lora_dropout=0.0),
-    "abl-fast-rows2": dict(BASE_FAST, rows=2),
-    "abl-fast-every2": dict(BASE_FAST, ckpt="every_n:2"),
-    "abl-fast-workers": dict(BASE_FAST, workers=2),
-    "abl-fast-flex": dict(BASE_FAST, attn="flex_attention"),
-    "abl-fast-compile": dict(BASE_FAST, compile=True),
-    "abl-qlora-stock": dict(via="trl", attn="sdpa", packing=False, rows=4, ckpt="full", liger=False, lora_dropout=0.05, quant="4bit"),
-    "abl-qlora-fast": dict(BASE_FAST, quant="4bit", ckpt="full"),
-    "abl-qlora-fast-every2": dict(BASE_FAST, quant="4bit", ckpt="every_n:2", rows=2),
-    "prof-fast-drop0": dict(BASE_FAST, lora_dropout=0.0, profile=True),
-    "abl-fast-drop0-rows6": dict(BASE_FAST, lora_dropout=0.0, rows=6),
-    "abl-fast-drop0-compile": dict(BASE_FAST, lora_dropout=0.0, compile=True, steps=24, warmup=10),
-    "abl-qlora-fast-drop0": dict(BASE_FAST, quant="4bit", ckpt="full", lora_dropout=0.0),
-    "abl-qlora-fast-drop0-bf16": dict(BASE_FAST, quant="4bit", ckpt="full", lora_dropout=0.0, kbit_bf16=True),
-    "abl-qlora-fast-drop0-bf16-rows6": dict(BASE_FAST, quant="4bit", ckpt="full", lora_dropout=0.0, kbit_bf16=True, rows=6),
-    "abl-fast-drop0-nocast": dict(BASE_FAST, lora_dropout=0.0, nocast=True),
-    "parity-fast": dict(BASE_FAST, lr=2e-4, parity=True, lora_dropout=0.0, nocast=True),
-    "parity-plain": dict(BASE_FAST, attn="sdpa", liger=False, lr=2e-4, parity=True, lora_dropout=0.0),
-    # Levers measured after the first table (docs/benchmarks.md, "Closing the gap"); baseline for each:
-    # abl-fast-drop0-nocast (the earlier shipped LoRA fast path in the plain trl loop).
-    # Fused base + LoRA linears (phi3tune/lora_fused.py).
-    "abl-fast-fused": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True),
-    # Phi-3 residual+RMSNorm, qkv split + RoPE and SwiGLU compiled on the fused projections (phi3tune/phi3_layers.py),
-    # no Liger. (In the first call of 2026-11-25 16:00 these rows had no norm fusion and kept Liger's RMSNorm.)
-    "abl-fast-layers": dict(BASE_FAST, lora_dropout=0.0, nocast=True, phi3_layers=True),
-    "abl-fast-fused-layers": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True),
-    "abl-fast-fused-layers-basefirst": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True,
-                                            base_gemm_first=True),  # fmt: skip
-    "prof-fast-fused-layers": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True, profile=True),
-    "abl-fast-fused-layers-rows5": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True, rows=5),
-    # The recipe with both switched off (the earlier shipped recipe), to A/B through `phi3tune train`.
-    "lora-nofused": dict(via="recipe", config="configs/lora.yaml", env={"PHI3TUNE_LORA_FUSED": "0", "PHI3TUNE_PHI3_LAYERS": "0"}),
-    "prof-lora": dict(via="recipe", config="configs/lora.yaml", profile=True),
-    "parity-fused": dict(BASE_FAST, lr=2e-4, parity=True, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True),
-    # Launch gaps: torch.compile with Liger off: trl's whole-model compile, and per-decoder-layer compile.
-    "abl-fast-compile-noliger": dict(BASE_FAST, lora_dropout=0.0, nocast=True, liger=False, compile=True, steps=24, warmup=10),
-    "abl-fast-compile-layers-noliger": dict(BASE_FAST, lora_dropout=0.0, nocast=True, liger=False, compile_layers=True,
-                                            steps=24, warmup=10),  # fmt: skip
-    "abl-fast-compile-layers-fused-layers": dict(BASE_FAST, lora_dropout=0.0, nocast=True, fused=True, phi3_layers=True,
-                                                 compile_layers=True),  # fmt: skip
-    "abl-fast-compile-layers-noliger-fused": dict(BASE_FAST, lora_dropout=0.0, nocast=True, liger=False,
-                                                  compile_layers=True, fused=True, steps=24, warmup=10),  # fmt: skip
+    "lora-plain": dict(via="recipe", config=_LORA, sets=["model.fast_path={fused_lora: false, compiled_layers: false}"]),
+    "mem-lora-full": dict(via="recipe", config=_LORA, sets=["training_config.gradient_checkpointing=true"]),
+    "mem-lora-every2": dict(via="recipe", config=_LORA, sets=[
+        "training_config.gradient_checkpointing=true",
+        "training_config.gradient_checkpointing_kwargs={use_reentrant: false, every_n_layers: 2}"]),
+    "mem-lora-rows2": dict(via="recipe", config=_LORA, sets=["training_config.per_device_train_batch_size=2"]),
+    "prof-lora": dict(via="recipe", config=_LORA, profile=True),
 }
-# What phi3tune's default configs should say for the fast path: attn auto and packing on; activation
-# checkpointing off for LoRA (phi3tune/speed.py would choose it when the config leaves it out), on for QLoRA.
-# The recipe rows run configs/*.yaml as shipped (attn auto: the fast path decides packing, micro-batch and
-# checkpointing); extra overrides for an experiment go here.
-RECIPE_DEFAULTS: dict[str, list[str]] = {}
-DEFAULT_ROWS = "stock,lora,lora-nofused,qlora,parity-fused,parity-plain"
+DEFAULT_ROWS = "stock,lora,qlora,prof-lora"
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -344,10 +297,7 @@ def run_row(spec: dict, ctx: dict) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    if spec["via"] == "recipe":
-        result = _run_recipe(spec, ctx, meter, steps)
-    else:
-        result = _run_trl(spec, ctx, meter, steps)
+    result = _run_recipe(spec, ctx, meter, steps) if spec["via"] == "recipe" else _run_stock(spec, ctx, meter, steps)
     out = {"row": spec["name"], "spec": spec, "wall_seconds": round(time.perf_counter() - t0, 1)}
     out.update(result)
     out.update(summarise(meter, warmup))
@@ -357,93 +307,29 @@ def run_row(spec: dict, ctx: dict) -> dict:
     return out
 
 
-def _run_trl(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
+def _run_stock(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
+    """The model card's sample_finetune.py settings on current trl: the baseline every ratio is against."""
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from phi3tune import attention
-
     device = ctx["device"]
-    attn = spec["attn"]
-    if attn == "varlen":
-        attention.register_attention()
     tok = AutoTokenizer.from_pretrained(ctx["base"])
-    kwargs = dict(dtype=torch.bfloat16 if device == "cuda" else torch.float32, attn_implementation=attn)
-    if spec.get("quant"):
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
-        )
-        kwargs["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(ctx["base"], **kwargs)
-    if not spec.get("quant"):
-        model = model.to(device)
-    ckpt = spec["ckpt"]
-    if spec.get("quant"):
-        from peft import prepare_model_for_kbit_training
-
-        if spec.get("kbit_bf16"):
-            from phi3tune.speed import prepare_kbit_model
-
-            model = prepare_kbit_model(model, use_gradient_checkpointing=ckpt != "none")
-        else:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt != "none")
-    train = datasets.load_from_disk(ctx["data"])
-    args = dict(
-        output_dir=str(Path(ctx["tmp"]) / spec["name"]),
-        max_steps=steps,
-        per_device_train_batch_size=spec["rows"],
-        gradient_accumulation_steps=1,
-        learning_rate=spec.get("lr", 5e-6),
-        lr_scheduler_type="constant",
-        max_length=ctx["max_length"],
-        packing=spec["packing"],
-        packing_strategy="bfd",
-        bf16=device == "cuda",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        data_seed=0,
-        gradient_checkpointing=ckpt != "none",
-        disable_tqdm=True,
-        dataloader_num_workers=spec.get("workers", 0),
-        use_cpu=device != "cuda",
+    model = AutoModelForCausalLM.from_pretrained(
+        ctx["base"], dtype=torch.bfloat16 if device == "cuda" else torch.float32, attn_implementation="sdpa").to(device)
+    args = SFTConfig(
+        output_dir=str(Path(ctx["tmp"]) / spec["name"]), max_steps=steps, per_device_train_batch_size=4,
+        gradient_accumulation_steps=1, learning_rate=5e-6, lr_scheduler_type="constant", max_length=ctx["max_length"],
+        packing=False, bf16=device == "cuda", logging_steps=1, save_strategy="no", report_to="none", seed=0,
+        data_seed=0, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        disable_tqdm=True, use_cpu=device != "cuda",
     )
-    if ckpt != "none":
-        gk = {"use_reentrant": False}
-        if ckpt.startswith("every_n:"):
-            gk["every_n_layers"] = int(ckpt.split(":")[1])
-        args["gradient_checkpointing_kwargs"] = gk
-    if spec.get("liger") and not spec.get("phi3_layers"):  # phi3_layers replaces Liger's three kernels
-        args["use_liger_kernel"] = True
-        args["liger_kernel_config"] = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
-                                       "fused_linear_cross_entropy": False}  # fmt: skip
-    if spec.get("phi3_layers"):
-        from phi3tune.phi3_layers import patch_phi3_layers
-
-        patch_phi3_layers()
-    if spec.get("compile"):
-        args["torch_compile"] = True
-    if spec.get("nocast"):
-        from phi3tune.speed import patch_peft_input_cast
-
-        patch_peft_input_cast()
-    if spec.get("fused"):
-        from phi3tune import lora_fused
-
-        lora_fused.patch_lora_fused()
-        if spec.get("base_gemm_first"):
-            lora_fused.BASE_GEMM_LAST = False
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=spec["lora_dropout"], target_modules="all-linear",
-                      task_type="CAUSAL_LM", bias="none")  # fmt: skip
-    callbacks = [meter.callback()]
-    if spec.get("profile"):
-        callbacks.append(profiler_callback(Path(ctx["out"]) / f"profile-{spec['name']}.txt", start=6, steps=2))
-    trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=train, processing_class=tok,
-                         peft_config=lora, callbacks=callbacks)  # fmt: skip
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM",
+                      bias="none")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.load_from_disk(ctx["data"]),
+                         processing_class=tok, peft_config=lora, callbacks=[meter.callback()])
     orig = trainer.compute_loss
 
     def compute_loss(model, inputs, *a, **kw):
@@ -452,36 +338,11 @@ def _run_trl(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
         return orig(model, inputs, *a, **kw)
 
     trainer.compute_loss = compute_loss
-    compiled = 0
-    if spec.get("compile_layers"):
-        # After SFTTrainer has wrapped the model with peft (and Liger, if on): compile each decoder layer on
-        # its own (same code for all 32, so one graph, reused), leaving the loss/LM head and the trl loop eager.
-        for module in trainer.model.modules():
-            if type(module).__name__.endswith("DecoderLayer"):
-                module.compile()
-                compiled += 1
     trainer.train()
-    out = {"attn": model.config._attn_implementation, "via": "trl", "compiled_layers": compiled}
-    if spec.get("fused"):
-        from phi3tune.lora_fused import is_patched
-
-        out["lora_fused"] = is_patched()
-    return out
+    return {"attn": model.config._attn_implementation, "via": "stock"}
 
 
-def _run_recipe(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
-    """`phi3tune train CONFIG --set ...` through the CLI, in-process, with the meter attached."""
-    import phi3tune.trainer as ptrainer
-
-    extra = []
-    if spec.get("profile"):
-        extra.append(profiler_callback(Path(ctx["out"]) / f"profile-{spec['name']}.txt", start=6, steps=2))
-    instrument(ptrainer.Phi3Trainer, meter, extra)
-    from phi3tune.cli import app
-
-    # Switches read by the recipe (PHI3TUNE_LORA_FUSED, PHI3TUNE_PHI3_LAYERS): each row is its own subprocess.
-    os.environ.update(spec.get("env", {}))
-    out_dir = Path(ctx["tmp"]) / spec["name"]
+def _recipe_sets(spec: dict, ctx: dict, steps: int) -> list[str]:
     sets = [
         f"model.name_or_path={ctx['base']}",
         "model.random_init=null",
@@ -495,146 +356,52 @@ def _run_recipe(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
         f"training_config.max_length={ctx['max_length']}",
         "training_config.eval_strategy='no'",
     ]
-    sets += RECIPE_DEFAULTS.get(spec["name"], []) + list(spec.get("sets", []))
+    if ctx["device"] != "cuda":
+        sets.append("model.dtype=float32")
+    return sets + list(spec.get("sets", []))
+
+
+def _dry_run_estimate(config: Path, sets: list[str], device: str) -> dict:
+    """What `phi3tune train CONFIG --dry-run` predicts for this row: the same policy and memory model."""
+    import torch
+    from rich.console import Console
+
+    from phi3tune.config import load_config
+    from phi3tune.plan import print_plan
+
+    cfg = load_config(config, sets, output_dir=None, require_output_dir=False)
+    gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device == "cuda" else 80.0
+    with open(os.devnull, "w") as sink:
+        verdict = print_plan(cfg, Console(file=sink), gpu_memory_gib=gib)
+    return {"estimated_peak_gib": round(verdict.peak_bytes / 2**30, 2), "estimated_checkpointing": verdict.checkpointing}
+
+
+def _run_recipe(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
+    """`phi3tune train CONFIG --set ...` through the CLI, in-process, with the meter attached."""
+    from phi3tune.training import trainer as ptrainer
+
+    extra = []
+    if spec.get("profile"):
+        extra.append(profiler_callback(Path(ctx["out"]) / f"profile-{spec['name']}.txt", start=6, steps=2))
+    instrument(ptrainer.Phi3Trainer, meter, extra)
+    from phi3tune.cli import app
+
+    out_dir = Path(ctx["tmp"]) / spec["name"]
+    sets = _recipe_sets(spec, ctx, steps)
     if spec.get("quant"):
         sets.append(f"model.quantization={spec['quant']}")
+    result = {"via": "recipe", **_dry_run_estimate(REPO / spec["config"], sets, ctx["device"])}
     argv = ["train", str(REPO / spec["config"]), "--output-dir", str(out_dir), "--overwrite"]
     for s in sets:
         argv += ["--set", s]
-    if ctx["device"] != "cuda":
-        argv += ["--set", "model.dtype=float32"]
     try:
         app(argv, standalone_mode=False)
     except SystemExit as exc:  # typer exits 0 on success
         if exc.code not in (0, None):
             raise
-    log_lines = []
     rc = out_dir / "run_config.yaml"
-    result = {"via": "recipe", "argv": argv, "run_config": rc.read_text() if rc.is_file() else None, "notes": log_lines}
-    from phi3tune import lora_fused, phi3_layers
-
-    result["env"], result["lora_fused"], result["phi3_layers"] = spec.get("env"), lora_fused.is_patched(), phi3_layers.is_patched()
+    result.update(argv=argv, run_config=rc.read_text() if rc.is_file() else None)
     return result
-
-
-# ----------------------------------------------------------------------------------------------- probe
-def probe(out: Path) -> dict:
-    """Environment + attention microbenchmark on a packed row of Phi-3-mini shapes."""
-    import importlib
-    import inspect
-
-    import torch
-
-    info: dict = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
-    for mod in ("transformers", "trl", "peft", "accelerate", "datasets", "liger_kernel", "bitsandbytes", "triton",
-                "pydantic", "flash_attn", "typer"):  # fmt: skip
-        try:
-            m = importlib.import_module(mod)
-            info[mod] = getattr(m, "__version__", "ok")
-        except Exception as exc:  # noqa: BLE001
-            info[mod] = f"ERR {type(exc).__name__}: {str(exc)[:120]}"
-    if not torch.cuda.is_available():
-        return info
-    info["gpu"] = torch.cuda.get_device_name(0)
-    info["gpu_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    from torch.nn.attention import varlen
-
-    info["varlen_sig"] = str(inspect.signature(varlen.varlen_attn))
-    print("varlen_attn", info["varlen_sig"], flush=True)
-    from phi3tune import attention
-
-    # correctness: varlen kernel vs the reference (fp32 math on upcast inputs), with a window that bites
-    torch.manual_seed(0)
-    H, D = 32, 96
-    lens = [2048, 700, 300, 1500, 37, 1]
-    T = sum(lens)
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
-    q, k, v = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    checks = {}
-    for name, win in (("causal", -1), ("window2046", 2046), ("window100", 100)):
-        out = attention._run_kernel(q, k, v, cu, cu, max(lens), max(lens), D**-0.5, win)
-        g = torch.randn_like(out)
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
-        qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
-        ref = attention.reference_varlen_attention(qf, kf, vf, cu, scale=D**-0.5, window_left=win)
-        rdq, rdk, rdv = torch.autograd.grad(ref, (qf, kf, vf), g.float())
-
-        def rel(a, b):
-            return float((a.float() - b).norm() / b.norm())
-
-        checks[name] = {"out": rel(out, ref), "dq": rel(dq, rdq), "dk": rel(dk, rdk), "dv": rel(dv, rdv)}
-    info["varlen_vs_reference_rel_err"] = checks
-
-    # timing: one layer's attention fwd+bwd on a packed row of 8192 tokens (lognormal chat lengths)
-    rng = random.Random(0)
-    lens, tot = [], 0
-    while True:
-        n = int(min(2048, max(24, rng.lognormvariate(math.log(740) - 0.32, 0.8))))
-        if tot + n > 8192:
-            lens.append(8192 - tot)
-            break
-        lens.append(n)
-        tot += n
-    T = 8192
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
-    mx = max(lens)
-    q, k, v = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    g = torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16)
-    import triton.testing as tt
-
-    timings = {}
-
-    def bench(fn):
-        def step():
-            o = fn()
-            o.backward(g)
-
-        return tt.do_bench(step, warmup=50, rep=200, return_mode="median")
-
-    timings["varlen"] = bench(lambda: attention._run_kernel(q, k, v, cu, cu, mx, mx, D**-0.5, 2046))
-    seg = torch.repeat_interleave(torch.arange(len(lens), device="cuda"), torch.tensor(lens, device="cuda"))
-    idx = torch.arange(T, device="cuda")
-    dense = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - 2047)
-    qb, kb, vb = (x.detach().transpose(0, 1)[None].requires_grad_() for x in (q, k, v))
-    gb = g.transpose(0, 1)[None]
-
-    def sdpa_dense():
-        return torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=dense[None, None])
-
-    def step_b(fn):
-        def s():
-            fn().backward(gb)
-
-        return tt.do_bench(s, warmup=20, rep=100, return_mode="median")
-
-    timings["sdpa_dense_block_mask"] = step_b(sdpa_dense)
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        def mm(b, h, qi, ki):
-            return (seg[qi] == seg[ki]) & (ki <= qi) & (ki > qi - 2047)
-
-        bm = create_block_mask(mm, 1, None, T, T, device="cuda")
-        cflex = torch.compile(flex_attention)
-        timings["flex_compiled"] = step_b(lambda: cflex(qb, kb, vb, block_mask=bm))
-    except Exception as exc:  # noqa: BLE001
-        timings["flex_compiled"] = f"ERR {exc}"[:200]
-    info["attn_fwd_bwd_ms_8192"] = timings
-    info["attn_segments"] = len(lens)
-
-    # matmul ceiling
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = tt.do_bench(lambda: a @ b, warmup=20, rep=100, return_mode="median")
-    info["bf16_matmul_tflops"] = round(2 * 8192**3 / ms / 1e9, 1)
-    # liger phi3 import
-    try:
-        from liger_kernel.transformers import apply_liger_kernel_to_phi3  # noqa: F401
-
-        info["liger_phi3"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        info["liger_phi3"] = f"ERR {exc}"[:200]
-    return info
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -666,12 +433,11 @@ def prepare(ctx: dict, tiny: bool, n_samples: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cmd", choices=["run", "probe", "_row"])
+    p.add_argument("cmd", choices=["run", "_row"])
     p.add_argument("--rows", default=DEFAULT_ROWS)
     # 30 steps / 10 warm-up: the stock recipe's first-use slow steps (new padded shapes) end by step ~10
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--parity-steps", type=int, default=32)
     p.add_argument("--samples", type=int, default=3000)
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--out", default="bench_out")
@@ -687,12 +453,6 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    if a.cmd == "probe":
-        info = probe(out)
-        (out / "probe.json").write_text(json.dumps(info, indent=1))
-        print(json.dumps(info, indent=1))
-        return
-
     if a.cmd == "_row":
         spec, ctx = json.loads(a.spec)
         res = run_row(spec, ctx)
@@ -704,7 +464,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() and not a.cpu_smoke else "cpu"
     tiny = a.cpu_smoke or device != "cuda"
     if tiny:
-        a.steps, a.warmup, a.parity_steps = min(a.steps, 4), 1, min(a.parity_steps, 4)
+        a.steps, a.warmup = min(a.steps, 4), 1
         a.samples = min(a.samples, 120)
         a.max_length = min(a.max_length, 512)
     tmp = Path(a.tmp)
@@ -720,17 +480,10 @@ def main() -> None:
         if tiny and spec.get("quant"):
             print(f"{name}: skipped (QLoRA needs a GPU)")
             continue
-        if tiny and spec.get("attn") == "flex_attention":
-            continue
-        if spec.get("parity"):
-            spec["steps"] = a.parity_steps
-        if tiny and spec.get("liger"):
-            spec["liger"] = False
         rctx = dict(ctx, result=str(tmp / f"{name}.json"))
         Path(rctx["result"]).unlink(missing_ok=True)
         t0 = time.perf_counter()
-        log_path = out / "rows.log"
-        with open(log_path, "a") as log:
+        with open(out / "rows.log", "a") as log:
             log.write(f"\n===== {name} {json.dumps(spec)}\n")
             log.flush()
             try:
@@ -749,27 +502,11 @@ def main() -> None:
         if res.get("tokens_per_second"):
             ratio = res["tokens_per_second"] / stock["tokens_per_second"] if stock else None
             res["ratio_to_stock"] = round(ratio, 2) if ratio else None
-            print(f"{name:24s} {res['tokens_per_second']:>10,.0f} tok/s  peak {res.get('peak_allocated_gib', '-')} GiB  "
-                  f"x{res['ratio_to_stock'] if ratio else '-'}  ({time.perf_counter() - t0:.0f}s)", flush=True)  # fmt: skip
+            estimate = f" (dry run {res['estimated_peak_gib']} GiB)" if res.get("estimated_peak_gib") else ""
+            print(f"{name:18s} {res['tokens_per_second']:>10,.0f} tok/s  peak {res.get('peak_allocated_gib', '-')} GiB"
+                  f"{estimate}  x{res['ratio_to_stock'] if ratio else '-'}  ({time.perf_counter() - t0:.0f}s)", flush=True)
         (out / "bench.json").write_text(json.dumps({"gpu": gpu, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                                     "data": ctx["data_stats"], "args": vars(a), "rows": results}, indent=1))  # fmt: skip
-
-    plain = next((r for r in results if r["row"] == "parity-plain" and r.get("losses")), None)
-    # Every parity-* row (parity-fast, parity-fused, ...) is compared with parity-plain; bench.json keeps
-    # "parity" for parity-fast, as before, and the others under "parity_<name>".
-    for fast in [r for r in results if r["row"].startswith("parity-") and r["row"] != "parity-plain" and r.get("losses")]:
-        if not plain:
-            break
-        pairs = [(x, y) for x, y in zip(fast["losses"], plain["losses"]) if x is not None and y is not None]
-        rel = [abs(x - y) / abs(y) for x, y in pairs]
-        parity = {"steps": len(pairs), "max_rel_diff": max(rel) if rel else None,
-                  "pass": bool(rel) and len(pairs) >= min(30, a.parity_steps) and max(rel) <= 0.01,
-                  "fast": [x for x, _ in pairs], "plain": [y for _, y in pairs]}  # fmt: skip
-        print(f"parity ({fast['row']} vs parity-plain): {parity['steps']} steps, max relative loss difference "
-              f"{parity['max_rel_diff']:.4%} -> {'PASS' if parity['pass'] else 'FAIL'}")  # fmt: skip
-        data = json.loads((out / "bench.json").read_text())
-        data["parity" if fast["row"] == "parity-fast" else "parity_" + fast["row"].removeprefix("parity-")] = parity
-        (out / "bench.json").write_text(json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":
