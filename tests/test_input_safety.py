@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from rich.console import Console
 
 from conftest import REPO_ROOT
