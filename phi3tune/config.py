@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from phi3tune.config_parse import SECTIONS, apply_override, pydantic_problems, r
 from phi3tune.config_schema import EVAL_CONFLICT, DataConfig, DataSource, ModelConfig, resolve_data_path
 from phi3tune.errors import ConfigError, UsageError
 from phi3tune.lora_targets import PHI3_LINEAR_MODULES, PHI3_LORA_MODULES, resolve_target_modules
+from phi3tune.model_context import context_warnings
 
 __all__ = [
     "PHI3_LINEAR_MODULES",
@@ -53,6 +55,13 @@ _POSITIVE = (
     "save_steps",
     "eval_steps",
 )
+# Values that must also be finite: YAML's .inf/.nan (or the strings "inf"/"nan") pass a `> 0` check.
+_FINITE = (*_POSITIVE, "num_train_epochs", "weight_decay", "warmup_ratio", "adam_beta1", "adam_beta2", "adam_epsilon")
+# LoRA learning rates live around 1e-5..1e-3 (the shipped configs use 2e-4; the random-weight demo 3e-3).
+# Above 1e-2 is 10x past the usual top: warn. Above 1 no optimizer transformers ships trains an LLM (1e10 turned
+# the model into noise without any error): refuse.
+LR_WARN = 1e-2
+LR_MAX = 1.0
 
 
 @dataclasses.dataclass
@@ -125,10 +134,26 @@ def _lora_config_cls() -> type:
 
 def _check_values(tc: dict[str, Any], peft: dict[str, Any], problems: list[str], warnings: list[str]) -> None:
     """Cross-field and range checks that the field types alone cannot express."""
+    for key, value in tc.items():
+        if (isinstance(value, float) and math.isnan(value)) or (key in _FINITE and value in (math.inf, -math.inf)):
+            problems.append(f"training_config.{key}: must be a finite number, got {value!r}")
     for key in _POSITIVE:
         value = tc.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
             problems.append(f"training_config.{key}: must be > 0, got {value!r}")
+    _check_length(tc, problems)
+    lr = tc.get("learning_rate")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr):
+        if lr > LR_MAX:
+            problems.append(
+                f"training_config.learning_rate: {lr!r} is far too large (above {LR_MAX:g}) and would wreck the "
+                "model; LoRA uses about 1e-5 to 1e-3, e.g. 2.0e-4"
+            )
+        elif lr > LR_WARN:
+            warnings.append(
+                f"training_config.learning_rate={lr:g} is very high for LoRA (usually 1e-5 to 1e-3); "
+                "watch the loss for divergence"
+            )
     for key in ("r", "lora_alpha"):
         value = peft.get(key)
         if isinstance(value, int) and value <= 0:
@@ -142,6 +167,26 @@ def _check_values(tc: dict[str, Any], peft: dict[str, Any], problems: list[str],
             warnings.extend(found)
         except UsageError as exc:
             problems.append(str(exc).replace("\n  hint: ", "; "))
+
+
+def _check_length(tc: dict[str, Any], problems: list[str]) -> None:
+    """Refuse a run that would take zero optimizer steps (it would "finish" with an untrained adapter)."""
+    max_steps = tc.get("max_steps")
+    epochs = tc.get("num_train_epochs")
+    numeric = isinstance(max_steps, int) and not isinstance(max_steps, bool)
+    if numeric and max_steps == 0:
+        problems.append(
+            "training_config.max_steps: 0 trains nothing; give a positive number of steps, "
+            "or -1 to train for num_train_epochs"
+        )
+    elif (max_steps is None or numeric and max_steps < 0) and isinstance(epochs, (int, float)) and (
+        not isinstance(epochs, bool) and epochs <= 0
+    ):
+        # transformers uses num_train_epochs only while max_steps is not positive.
+        problems.append(
+            f"training_config.num_train_epochs: {epochs!r} trains nothing (max_steps is not set); give a positive "
+            "number of epochs, or set max_steps"
+        )
 
 
 def load_config(
@@ -169,7 +214,8 @@ def load_config(
     source = Path(path).expanduser() if path is not None else None
     where = str(source) if source else "--set overrides"
     base_dir = source.resolve().parent if source else Path.cwd()
-    doc = read_yaml(source) if source else {}
+    problems: list[str] = []
+    doc = read_yaml(source, problems) if source else {}
     if doc is None:
         raise ConfigError(["the file is empty; it needs at least a data section with data.train"], where)
     if not isinstance(doc, dict):
@@ -177,7 +223,6 @@ def load_config(
             [f"expected a mapping of sections ({', '.join(SECTIONS)}), got a {type(doc).__name__}"], where
         )
 
-    problems: list[str] = []
     for key in [k for k in doc if k not in SECTIONS]:
         problems.append(f"{key}: unknown section{did_you_mean(str(key), SECTIONS)}")
         doc.pop(key)
@@ -219,6 +264,8 @@ def load_config(
     out_dir = output_dir if output_dir is not None else tc.get("output_dir")
     if out_dir is None and require_output_dir:
         problems.append("training_config.output_dir: missing; set it in the config or pass --output-dir")
+    if model is not None:
+        warnings.extend(context_warnings(tc, model))
     if model is not None and model.quantization and model.dtype == "float32":
         warnings.append("model: quantization with dtype float32 computes in float32 (slow); QLoRA uses bfloat16")
 

@@ -15,17 +15,91 @@ from pydantic import BaseModel, ValidationError
 
 from phi3tune.config_fields import did_you_mean
 from phi3tune.errors import ConfigError
+from phi3tune.input_paths import not_a_regular_file
 
 SECTIONS = ("model", "data", "training_config", "peft_config")
 _OVERRIDE_KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*$")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-def read_yaml(path: Path) -> Any:
-    """Parse a YAML file; a missing file, bad encoding or syntax error raises ``ConfigError`` with the line."""
-    if not path.is_file():
-        raise ConfigError([f"config file not found: {path}"], str(path))
+class AliasRefused(yaml.YAMLError):
+    """A YAML alias (``*name``): refused because aliases can expand a tiny file into gigabytes."""
+
+    def __init__(self, anchor: str, mark: Any) -> None:
+        super().__init__(f"YAML alias *{anchor}")
+        self.anchor = anchor
+        self.mark = mark
+
+    def describe(self) -> str:
+        return (
+            f"line {self.mark.line + 1}, column {self.mark.column + 1}: YAML aliases (*{self.anchor}) are not "
+            "accepted in phi3tune configs (they can expand a small file into a huge one); write the values out"
+        )
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases and records duplicate keys (plain YAML keeps the last silently)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise AliasRefused(event.anchor, event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                    continue
+                line = key_node.start_mark.line + 1
+                key = (key_node.tag, key_node.value)
+                if key in first:
+                    self.duplicates.append(
+                        f"line {line}: duplicate key '{key_node.value}' (first at line {first[key]}); "
+                        "YAML would silently keep only the last value: remove one"
+                    )
+                else:
+                    first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> tuple[Any, list[str]]:
+    """Parse YAML text without aliases; returns the document and one problem line per duplicate key.
+
+    Raises:
+        AliasRefused: The text uses an alias.
+        yaml.YAMLError: Syntax errors.
+        RecursionError: Nesting deeper than Python's recursion limit.
+    """
+    loader = _StrictLoader(text)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return loader.get_single_data(), loader.duplicates
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: Path, problems: list[str] | None = None) -> Any:
+    """Parse a config file; an unreadable file, alias, bad encoding or syntax error raises ``ConfigError``.
+
+    Args:
+        path: The YAML file.
+        problems: Where duplicate-key problems go (so they are reported with the others); None raises them.
+    """
+    why = not_a_regular_file(path)
+    if why is not None:
+        reason = "not found" if why == "no such file" else why
+        raise ConfigError([f"config file {reason}: {path}"], str(path))
+    try:
+        doc, duplicates = parse_yaml(path.read_text(encoding="utf-8-sig"))
+    except AliasRefused as exc:
+        raise ConfigError([exc.describe()], str(path)) from None
+    except RecursionError:
+        raise ConfigError(["YAML nested too deeply (more levels than Python's recursion limit)"], str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -33,6 +107,11 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError([f"YAML syntax error{where}: {reason}"], str(path)) from None
     except UnicodeDecodeError:
         raise ConfigError(["not a UTF-8 text file"], str(path)) from None
+    if duplicates and problems is None:
+        raise ConfigError(duplicates, str(path))
+    if problems is not None:
+        problems.extend(duplicates)
+    return doc
 
 
 def apply_override(doc: dict[str, Any], item: str, problems: list[str]) -> str | None:
@@ -53,9 +132,18 @@ def apply_override(doc: dict[str, Any], item: str, problems: list[str]) -> str |
         problems.append(f"--set {key}: give a key inside the section, e.g. {key}.<name>=VALUE")
         return None
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value, duplicates = parse_yaml(raw) if raw.strip() else (None, [])
+    except AliasRefused:
+        problems.append(f"--set {key}: YAML aliases (*name) are not accepted; write the value out")
+        return None
+    except RecursionError:
+        problems.append(f"--set {key}: the value is nested too deeply")
+        return None
     except yaml.YAMLError:
-        value = raw  # not valid YAML (e.g. an unbalanced bracket in a prompt): take the text as written
+        value, duplicates = raw, []  # not valid YAML (e.g. an unbalanced bracket in a prompt): take the text as written
+    if duplicates:
+        problems.extend(f"--set {key}: {d.removeprefix('line 1: ')}" for d in duplicates)
+        return None
     node = doc
     for depth, part in enumerate(parts[:-1]):
         child = node.get(part)

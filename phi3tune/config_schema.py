@@ -6,16 +6,13 @@ peft classes (see ``config_fields``) so that any field those libraries accept is
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from phi3tune.config_fields import did_you_mean
-from phi3tune.errors import UsageError
-
-PKG_SCHEME = "pkg://"
+from phi3tune.input_paths import PKG_SCHEME, resolve_pkg_path
 EVAL_CONFLICT = "data: give either 'eval' or 'eval_fraction', not both"
 
 # random_init keys that are sizes: positive ints. vocab_size is left out on purpose: the real tokenizer is
@@ -149,6 +146,13 @@ class DataConfig(_Strict):
     loss_on: Literal["assistant", "all"] = Field(
         "assistant", description="Tokens that carry loss: assistant turns (with their <|end|>) or everything."
     )
+    # Default escape, not error: equally safe (no text can become a marker) without stopping on data that
+    # merely mentions "<|end|>" or an HTML "<s>"; `data check` lists such rows either way (special_text.py).
+    special_tokens_in_text: Literal["error", "escape", "allow"] = Field(
+        "escape",
+        description="Special-token strings such as <|end|> inside text: escape (plain text), error (invalid "
+        "rows) or allow (real special tokens; only for trusted pre-rendered data).",
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -178,19 +182,11 @@ def resolve_data_path(path: str | Path, base_dir: str | Path) -> Path:
         An absolute path (not checked for existence; the data module reports missing files).
 
     Raises:
-        UsageError: A ``pkg://`` path that names no importable package.
+        DataError: A ``pkg://`` path that names no installed package (the package is never imported).
     """
     text = str(path)
     if text.startswith(PKG_SCHEME):
-        package, _, rel = text[len(PKG_SCHEME) :].partition("/")
-        try:
-            root = resources.files(package)
-        except (ModuleNotFoundError, TypeError, ValueError) as exc:
-            raise UsageError(
-                f"{text}: no installed package '{package}'",
-                hint="pkg:// paths look like pkg://phi3tune/sample_data/x.jsonl",
-            ) from exc
-        return Path(str(root.joinpath(rel))).resolve()
+        return resolve_pkg_path(text)
     candidate = Path(text).expanduser()
     if not candidate.is_absolute():
         candidate = Path(base_dir) / candidate

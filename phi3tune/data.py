@@ -20,6 +20,7 @@ from phi3tune.data_formats import FORMATS, detect_format, normalise_rows
 from phi3tune.data_load import LoadedRows, load_source
 from phi3tune.data_validate import ValidationResult, validate_conversations
 from phi3tune.errors import DataError
+from phi3tune.special_text import DEFAULT_POLICY
 
 __all__ = [
     "DataReport", "PreparedData", "SourceData", "SourceReport", "detect_format", "load_rows",
@@ -122,21 +123,30 @@ def read_source(source: Any, data_cfg: Any, base_dir: Path | None = None, allow_
 
     Args:
         source: A config data source (``.path`` or ``.hub`` …).
-        data_cfg: The data config (``format``, ``system_prompt`` used here).
+        data_cfg: The data config (``format``, ``system_prompt``, ``special_tokens_in_text`` used here).
         base_dir: Directory relative paths resolve against first.
         allow_trailing_user: Accept conversations ending with a user turn (prompts for generation).
 
     Returns:
         The rows, their detected format, normalised conversations and validation result.
+
+    Raises:
+        DataError: The source holds no rows, or its format cannot be told.
     """
     loaded = load_source(source, base_dir)
+    if len(loaded.rows) == 0:
+        raise DataError(
+            f"{loaded.source}: holds 0 rows (an empty file, or a CSV with only its header line)",
+            hint="point data.*.path at the file that holds the conversations",
+        )
     fmt = getattr(data_cfg, "format", "auto") or "auto"
     if fmt == "auto":
-        fmt = detect_format(loaded.rows, loaded.source)
+        fmt = detect_format(loaded.rows, loaded.source, loaded.numbers, loaded.unit)
     elif fmt not in FORMATS:
         raise DataError(f"unknown data.format {fmt!r}", hint=f"use auto or one of {', '.join(FORMATS)}")
     conversations = normalise_rows(loaded.rows, fmt, getattr(data_cfg, "system_prompt", None))
-    validation = validate_conversations(conversations, loaded.numbers, loaded.unit, allow_trailing_user)
+    policy = getattr(data_cfg, "special_tokens_in_text", DEFAULT_POLICY) or DEFAULT_POLICY
+    validation = validate_conversations(conversations, loaded.numbers, loaded.unit, allow_trailing_user, policy)
     return SourceData(loaded, fmt, conversations, validation)
 
 
@@ -161,6 +171,7 @@ def tokenise_conversations(
     on_overlength: str,
     report: SourceReport,
     unit: str = "row",
+    special_tokens: str = DEFAULT_POLICY,
 ) -> Any:
     """Tokenise valid conversations into a ``datasets.Dataset`` and apply the length policy.
 
@@ -173,6 +184,7 @@ def tokenise_conversations(
         on_overlength: ``"truncate"`` (keep the start), ``"drop"`` or ``"error"``.
         report: Filled in with counts and token totals.
         unit: ``"line"`` or ``"row"`` for messages.
+        special_tokens: ``data.special_tokens_in_text``; by default special-token strings in text stay text.
 
     Returns:
         A ``datasets.Dataset`` with ``input_ids`` and ``labels``.
@@ -193,7 +205,7 @@ def tokenise_conversations(
     for start in range(0, len(conversations), _BATCH):
         ids_col: list[list[int]] = []
         labels_col: list[list[int]] = []
-        rendered = render_conversations(tokenizer, conversations[start : start + _BATCH], loss_on)
+        rendered = render_conversations(tokenizer, conversations[start : start + _BATCH], loss_on, special_tokens)
         for offset, (ids, labels) in enumerate(rendered):
             if len(ids) > max_length:
                 if on_overlength != "truncate":
@@ -239,6 +251,12 @@ def _fingerprint(parts: Sequence[tuple[str, Sequence[list[dict]]]]) -> str:
 def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     if not 0 < fraction < 1:
         raise DataError(f"data.eval_fraction must be between 0 and 1, got {fraction}", hint="e.g. eval_fraction: 0.02")
+    if n < 2:
+        raise DataError(
+            f"data.eval_fraction: only {n} valid training row{'s' if n != 1 else ''}: too few to split into train "
+            "and eval",
+            hint="add more rows, give a separate eval file (data.eval), or remove data.eval_fraction",
+        )
     n_eval = max(1, round(n * fraction))
     if n_eval >= n:
         raise DataError(f"eval_fraction {fraction} leaves no training rows out of {n}", hint="use a smaller eval_fraction")
@@ -255,7 +273,7 @@ def prepare_datasets(
     Args:
         data_cfg: Data config with ``train``/``eval`` sources (``.path``/``.hub``/``.split``/``.name``/
             ``.revision``), ``eval_fraction``, ``format``, ``system_prompt``, ``on_invalid``,
-            ``on_overlength`` and ``loss_on``.
+            ``on_overlength``, ``loss_on`` and ``special_tokens_in_text``.
         tokenizer: The Phi-3 tokenizer.
         max_length: Maximum tokens per row.
         seed: Seed for the ``eval_fraction`` split.
@@ -272,6 +290,7 @@ def prepare_datasets(
     on_invalid = getattr(data_cfg, "on_invalid", "error") or "error"
     loss_on = getattr(data_cfg, "loss_on", "assistant") or "assistant"
     on_overlength = getattr(data_cfg, "on_overlength", "truncate") or "truncate"
+    special_tokens = getattr(data_cfg, "special_tokens_in_text", DEFAULT_POLICY) or DEFAULT_POLICY
     eval_fraction = getattr(data_cfg, "eval_fraction", None)
     eval_source = getattr(data_cfg, "eval", None)
     if eval_source is not None and eval_fraction:
@@ -300,7 +319,8 @@ def prepare_datasets(
     tokenised = {}
     for name, (convs, numbers) in splits.items():
         tokenised[name] = tokenise_conversations(
-            convs, numbers, tokenizer, max_length, loss_on, on_overlength, reports[name], reports[name].unit
+            convs, numbers, tokenizer, max_length, loss_on, on_overlength, reports[name], reports[name].unit,
+            special_tokens,
         )
     if len(tokenised["train"]) == 0:
         raise DataError(

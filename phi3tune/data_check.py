@@ -1,8 +1,9 @@
 """``phi3tune data check``: a validation report of the data a config would train on.
 
 It reads every row exactly as training does (``phi3tune.data.read_source``), reports problems with
-row numbers, a token-length histogram against ``max_length`` and the share of trained tokens, and
-renders a few samples with the trained tokens highlighted.
+row numbers, rows whose text contains special-token strings (``<|end|>``, ...), a token-length histogram
+against ``max_length`` and the share of trained tokens, and renders a few samples with the trained tokens
+highlighted.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from rich.text import Text
 
 from phi3tune.chat_template import IGNORE_INDEX, render_conversations
 from phi3tune.data import SourceData, read_source
+from phi3tune.input_paths import not_a_regular_file
+from phi3tune.special_text import DEFAULT_POLICY, conversation_special_strings
 
 HIST_BINS = 10
 BAR_WIDTH = 40
@@ -24,15 +27,37 @@ N_SAMPLES = 3
 SAMPLE_MAX_TOKENS = 400
 _BATCH = 1000
 _OVERLENGTH_EFFECT = {"truncate": "truncated (start kept)", "drop": "dropped", "error": "rejected (training stops)"}
+_SPECIAL_EFFECT = {
+    "escape": "tokenised as plain text (data.special_tokens_in_text: escape)",
+    "error": "invalid rows (data.special_tokens_in_text: error)",
+    "allow": "[red]read as REAL special tokens: they can open and close turns[/] (data.special_tokens_in_text: allow)",
+}
 
 
-def _lengths(tokenizer: Any, data: SourceData, loss_on: str, max_length: int) -> tuple[list[int], int, int, int]:
+def _special_rows(console: Console, data: SourceData, policy: str) -> None:
+    """Count and list the rows whose text contains special-token strings, and say what happens to them."""
+    hits = [(data.loaded.numbers[i], found) for i, conv in enumerate(data.conversations)
+            if (found := conversation_special_strings(conv))]  # fmt: skip
+    if not hits:
+        return
+    unit = data.loaded.unit
+    first = ", ".join(str(n) for n, _ in hits[:5]) + (", …" if len(hits) > 5 else "")
+    console.print(
+        f"{len(hits)} {unit}{'s' if len(hits) != 1 else ''} contain special-token strings ({unit}s {first}; "
+        f"e.g. {unit} {hits[0][0]}: {', '.join(hits[0][1])}): {_SPECIAL_EFFECT[policy]}",
+        highlight=False,
+    )
+
+
+def _lengths(
+    tokenizer: Any, data: SourceData, loss_on: str, max_length: int, policy: str
+) -> tuple[list[int], int, int, int]:
     """Full token lengths of the valid rows, total/trained tokens, and rows truncation would leave untrained."""
     convs = data.valid_conversations()
     lengths: list[int] = []
     total = trained = emptied = 0
     for start in range(0, len(convs), _BATCH):
-        for ids, labels in render_conversations(tokenizer, convs[start : start + _BATCH], loss_on):
+        for ids, labels in render_conversations(tokenizer, convs[start : start + _BATCH], loss_on, policy):
             lengths.append(len(ids))
             total += len(ids)
             trained += sum(1 for x in labels if x != IGNORE_INDEX)
@@ -88,6 +113,7 @@ def _report_source(
     on_invalid = getattr(data_cfg, "on_invalid", "error") or "error"
     on_overlength = getattr(data_cfg, "on_overlength", "truncate") or "truncate"
     loss_on = getattr(data_cfg, "loss_on", "assistant") or "assistant"
+    policy = getattr(data_cfg, "special_tokens_in_text", DEFAULT_POLICY) or DEFAULT_POLICY
     console.rule(f"[bold]{name}[/]: {data.loaded.source}")
     console.print(f"format: [bold]{data.format}[/]   rows: {len(data.conversations)}   valid: {len(v.valid)}")
     fatal = False
@@ -101,10 +127,11 @@ def _report_source(
         fatal = on_invalid == "error"
         verdict = "[red]training would stop (on_invalid: error)[/]" if fatal else "they will be skipped (on_invalid: skip)"
         console.print(f"{v.n_invalid} invalid rows: {verdict}")
+    _special_rows(console, data, policy)
     if not v.valid:
         console.print("[red]no valid rows[/]")
         return True
-    lengths, total, trained, emptied = _lengths(tokenizer, data, loss_on, max_length)
+    lengths, total, trained, emptied = _lengths(tokenizer, data, loss_on, max_length, policy)
     _histogram(console, lengths, max_length)
     over = sum(1 for n in lengths if n > max_length)
     if over:
@@ -116,7 +143,7 @@ def _report_source(
     console.print(f"tokens: {total} total, {trained} trained ({share:.1%}, loss_on: {loss_on})")
     convs = data.valid_conversations()
     picks = sorted({0, len(convs) // 2, len(convs) - 1})[:N_SAMPLES]
-    rendered = render_conversations(tokenizer, [convs[i] for i in picks], loss_on)
+    rendered = render_conversations(tokenizer, [convs[i] for i in picks], loss_on, policy)
     numbers = data.valid_numbers()
     for i, (ids, labels) in zip(picks, rendered):
         more = f", first {SAMPLE_MAX_TOKENS} shown" if len(ids) > SAMPLE_MAX_TOKENS else ""
@@ -191,8 +218,9 @@ def check_target(target: Path, set_: list[str], console: Console) -> int:
     from phi3tune.modeling import load_tokenizer
 
     target = Path(target)
-    if not target.is_file():
-        raise DataError(f"{target}: no such file.", hint="pass a config YAML or a .jsonl/.json/.csv/.parquet file.")
+    why = not_a_regular_file(target)
+    if why is not None:
+        raise DataError(f"{target}: {why}.", hint="pass a config YAML or a .jsonl/.json/.csv/.parquet file.")
     if target.suffix.lower() in (".yaml", ".yml"):
         cfg = load_config(target, list(set_))
     else:

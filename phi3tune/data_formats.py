@@ -51,7 +51,7 @@ def _format_of(row: Any) -> str | None:
         if isinstance(turns, str) and turns.lstrip().startswith("["):  # a JSON column in CSV/Parquet
             try:
                 turns = json.loads(turns)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 pass
         if isinstance(turns, list):
             first = next((t for t in turns if isinstance(t, dict)), {})
@@ -65,12 +65,20 @@ def _format_of(row: Any) -> str | None:
     return None
 
 
-def detect_format(rows: Sequence[Any], source: str = "data") -> str:
+_JSON_KINDS = {list: "a JSON array", str: "a JSON string", int: "a JSON number", float: "a JSON number",
+               bool: "true/false", type(None): "null"}  # fmt: skip
+
+
+def detect_format(
+    rows: Sequence[Any], source: str = "data", numbers: Sequence[int] | None = None, unit: str = "row"
+) -> str:
     """Detect a source's format from its first rows.
 
     Args:
         rows: Raw rows.
         source: Name used in the error message.
+        numbers: User-facing 1-based numbers of the rows (``1..n`` when omitted), for the error message.
+        unit: ``"line"`` or ``"row"``, for the error message.
 
     Returns:
         One of ``FORMATS``.
@@ -80,6 +88,7 @@ def detect_format(rows: Sequence[Any], source: str = "data") -> str:
     """
     seen: dict[str, int] = {}
     keys: set[str] = set()
+    not_objects: list[tuple[int, Any]] = []
     for i, row in enumerate(rows):
         if i >= _DETECT_SAMPLE:
             break
@@ -88,10 +97,19 @@ def detect_format(rows: Sequence[Any], source: str = "data") -> str:
             seen[fmt] = seen.get(fmt, 0) + 1
         elif isinstance(row, dict):
             keys.update(row)
+        else:
+            not_objects.append((i, row))
     if not seen:
-        found = ", ".join(sorted(keys)[:12]) or "(no JSON objects)"
+        if keys:
+            found = f"fields found: {', '.join(sorted(map(str, keys))[:12])}"
+        elif not_objects:
+            i, row = not_objects[0]
+            what = _JSON_KINDS.get(type(row), f"a {type(row).__name__}")
+            found = f"{unit} {numbers[i] if numbers else i + 1} holds {what}, not an object with fields"
+        else:
+            found = "it holds 0 rows"
         raise DataError(
-            f"{source}: cannot tell the data format; fields found: {found}",
+            f"{source}: cannot tell the data format; {found}",
             hint="rows need 'messages' (role/content), 'conversations' (from/value), "
             "'instruction'+'output' (Alpaca) or 'prompt'+'completion'; or set data.format",
         )
@@ -103,7 +121,7 @@ def _as_list(value: Any) -> Any:
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # a string cell nested past the recursion limit
             return value
     return value
 

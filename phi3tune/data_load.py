@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
-from importlib import resources
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from phi3tune.errors import DataError, ResourceError
+from phi3tune.input_paths import PKG_SCHEME, not_a_regular_file, resolve_pkg_path
 
-PKG_SCHEME = "pkg://"
+# utf-8-sig: editors on Windows save UTF-8 with a byte-order mark; plain utf-8 would keep it as a character
+# that breaks the first JSON line and becomes part of the first CSV column's name.
+_ENCODING = "utf-8-sig"
+_TOO_DEEP = "JSON nested too deeply (more levels than Python's recursion limit)"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -51,21 +54,19 @@ def resolve_path(path: str | Path, base_dir: Path | None) -> Path:
         The existing file's path.
 
     Raises:
-        DataError: When no candidate exists.
+        DataError: When no candidate is a regular file (saying what the first existing one is instead).
     """
     text = str(path)
-    if text.startswith(PKG_SCHEME):  # a file shipped in a package, e.g. pkg://phi3tune/sample_data/x.jsonl
-        package, _, rel = text[len(PKG_SCHEME) :].partition("/")
-        try:
-            p = Path(str(resources.files(package).joinpath(rel)))
-        except (ModuleNotFoundError, TypeError, ValueError):
-            raise DataError(f"{text}: no installed package '{package}'", hint="pkg:// paths look like pkg://phi3tune/sample_data/x.jsonl") from None
-    else:
-        p = Path(text).expanduser()
+    # A file shipped in a package, e.g. pkg://phi3tune/sample_data/x.jsonl; located without importing it.
+    p = resolve_pkg_path(text) if text.startswith(PKG_SCHEME) else Path(text).expanduser()
     candidates = [p] if p.is_absolute() else ([base_dir / p] if base_dir else []) + [Path.cwd() / p]
     for c in candidates:
         if c.is_file():
             return c
+    for c in candidates:
+        why = not_a_regular_file(c)
+        if c.exists() and why is not None:
+            raise DataError(f"data file {c} {why}", hint="point data.*.path at a .jsonl/.json/.csv/.parquet file")
     tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
     raise DataError(f"data file not found: {path} (looked at {tried})", hint="check data.*.path in the config")
 
@@ -73,7 +74,7 @@ def resolve_path(path: str | Path, base_dir: Path | None) -> Path:
 def _read_jsonl(path: Path) -> LoadedRows:
     rows: list[Any] = []
     numbers: list[int] = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding=_ENCODING) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue  # blank lines (often a trailing one) are not rows
@@ -84,14 +85,18 @@ def _read_jsonl(path: Path) -> LoadedRows:
                     f"{path}: line {line_no} is not valid JSON ({e.msg}, column {e.colno})",
                     hint="each line of a .jsonl file must be one complete JSON object",
                 ) from None
+            except RecursionError:
+                raise DataError(f"{path}: line {line_no}: {_TOO_DEEP}", hint="fix or remove that line") from None
             numbers.append(line_no)
     return LoadedRows(str(path), rows, numbers, unit="line")
 
 
 def _read_json(path: Path) -> LoadedRows:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding=_ENCODING)
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: {_TOO_DEEP}", hint="a .json data file must hold a list of objects") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON Lines saved as .json: read it as such, as `datasets` does
             return _read_jsonl(path)
@@ -110,8 +115,22 @@ def _read_json(path: Path) -> LoadedRows:
 
 
 def _read_csv(path: Path) -> LoadedRows:
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
+    with path.open(encoding=_ENCODING, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        seen: dict[str, int] = {}
+        for col, name in enumerate(header, start=1):
+            if name in seen:
+                # DictReader would silently keep only the last column of that name.
+                raise DataError(
+                    f"{path}: line 1 (header): duplicate column {name!r} (columns {seen[name]} and {col})",
+                    hint="rename or remove one of the columns",
+                )
+            seen[name] = col
+        try:
+            rows = list(reader)
+        except csv.Error as e:
+            raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({e})", hint="fix that line") from None
     return LoadedRows(str(path), rows, list(range(1, len(rows) + 1)))
 
 

@@ -8,11 +8,13 @@ for prompts used in generation.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from phi3tune.errors import DataError
+from phi3tune.special_text import DEFAULT_POLICY, special_strings_in
 
 ROLES = ("system", "user", "assistant")
 
@@ -23,7 +25,14 @@ NON_STRING_CONTENT = "non-string content"
 EMPTY_CONTENT = "empty content"
 NO_ASSISTANT = "no assistant turn"
 WRONG_ORDER = "wrong turn order"
-PROBLEMS = (NO_MESSAGES, MALFORMED_MESSAGE, UNKNOWN_ROLE, NON_STRING_CONTENT, EMPTY_CONTENT, NO_ASSISTANT, WRONG_ORDER)
+INVALID_UNICODE = "invalid unicode"
+SPECIAL_TOKEN_TEXT = "special-token text"
+PROBLEMS = (
+    NO_MESSAGES, MALFORMED_MESSAGE, UNKNOWN_ROLE, NON_STRING_CONTENT, EMPTY_CONTENT, INVALID_UNICODE,
+    SPECIAL_TOKEN_TEXT, NO_ASSISTANT, WRONG_ORDER,
+)  # fmt: skip
+# JSON's "\ud800" escape yields a lone surrogate: a str Python holds but no tokenizer or UTF-8 writer accepts.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 FIRST_ROWS_SHOWN = 5
 
 
@@ -73,12 +82,15 @@ class ValidationResult:
         )
 
 
-def check_conversation(messages: Any, allow_trailing_user: bool = False) -> tuple[str, str] | None:
+def check_conversation(
+    messages: Any, allow_trailing_user: bool = False, special_tokens: str = DEFAULT_POLICY
+) -> tuple[str, str] | None:
     """Find the first problem of one normalised conversation.
 
     Args:
         messages: The normalised message list (or None).
         allow_trailing_user: Accept a conversation ending with a user turn (generation prompts).
+        special_tokens: ``data.special_tokens_in_text``; ``"error"`` makes special-token strings a problem.
 
     Returns:
         ``(problem, reason)`` or None when the conversation is valid.
@@ -97,6 +109,19 @@ def check_conversation(messages: Any, allow_trailing_user: bool = False) -> tupl
             return NON_STRING_CONTENT, f"message {i} ({role}) content is {what}, not a string"
         if not content.strip():
             return EMPTY_CONTENT, f"message {i} ({role}) content is empty or whitespace only"
+        bad = _SURROGATE.search(content)
+        if bad:
+            return INVALID_UNICODE, (
+                f"message {i} ({role}) content holds a lone surrogate \\u{ord(bad.group()):04x} at character "
+                f"{bad.start() + 1} (an unpaired \\uD800-\\uDFFF escape in the JSON): not valid Unicode text"
+            )
+        if special_tokens == "error":
+            found = special_strings_in(content)
+            if found:
+                return SPECIAL_TOKEN_TEXT, (
+                    f"message {i} ({role}) content contains special-token text {', '.join(found)} "
+                    "(data.special_tokens_in_text: error)"
+                )
     roles = [m["role"] for m in messages]
     if "assistant" not in roles:
         return NO_ASSISTANT, "no assistant turn to learn from"
@@ -119,6 +144,7 @@ def validate_conversations(
     numbers: Sequence[int] | None = None,
     unit: str = "row",
     allow_trailing_user: bool = False,
+    special_tokens: str = DEFAULT_POLICY,
 ) -> ValidationResult:
     """Validate normalised conversations.
 
@@ -127,13 +153,14 @@ def validate_conversations(
         numbers: The user-facing 1-based number of each row; ``1..n`` when omitted.
         unit: ``"line"`` (JSONL) or ``"row"``.
         allow_trailing_user: Accept conversations ending with a user turn.
+        special_tokens: ``data.special_tokens_in_text`` (see :func:`check_conversation`).
 
     Returns:
         The valid indices and the problems by kind, with row numbers and reasons.
     """
     result = ValidationResult(unit=unit)
     for idx, messages in enumerate(conversations):
-        found = check_conversation(messages, allow_trailing_user)
+        found = check_conversation(messages, allow_trailing_user, special_tokens)
         if found is None:
             result.valid.append(idx)
             continue

@@ -64,7 +64,9 @@ def test_known_token_ids(phi3_tokenizer) -> None:
 @pytest.mark.parametrize("name", sorted(VARIED))
 def test_parity_varied(phi3_tokenizer, name: str) -> None:
     messages = VARIED[name]
-    ids, labels = render_conversation(phi3_tokenizer, messages)
+    # The template reads "<|end|>" typed in content as the real token; only `allow` reproduces that.
+    policy = "allow" if name == "special_looking_text" else "escape"
+    ids, labels = render_conversation(phi3_tokenizer, messages, special_tokens=policy)
     assert ids == reference(phi3_tokenizer, messages)
     assert len(labels) == len(ids)
 
@@ -93,7 +95,9 @@ def test_parity_shared_datasets(phi3_tokenizer, filename: str) -> None:
 @pytest.mark.parametrize("name", sorted(VARIED))
 def test_trained_spans_are_assistant_contents_and_end(phi3_tokenizer, name: str) -> None:
     messages = VARIED[name]
-    ids, labels = render_conversation(phi3_tokenizer, messages)
+    # `expected` below tokenises "<s>" in content as the real token; only `allow` does that.
+    policy = "allow" if name == "special_looking_text" else "escape"
+    ids, labels = render_conversation(phi3_tokenizer, messages, special_tokens=policy)
     runs = trained_runs(labels)
     assistants = [m["content"] for m in messages if m["role"] == A]
     assert len(runs) == len(assistants)
@@ -146,9 +150,9 @@ def test_render_prompt_parity(phi3_tokenizer, name: str) -> None:
 
 def test_generic_path_agrees_with_fast_path(phi3_tokenizer, monkeypatch) -> None:
     """The template-agnostic fallback (prefix diffing) yields the same ids and labels."""
-    fast = render_conversations(phi3_tokenizer, list(VARIED.values()))
+    fast = render_conversations(phi3_tokenizer, list(VARIED.values()), special_tokens="allow")
     monkeypatch.setattr(chat_template, "fast_path_ok", lambda tok: False)
-    slow = render_conversations(phi3_tokenizer, list(VARIED.values()))
+    slow = render_conversations(phi3_tokenizer, list(VARIED.values()), special_tokens="allow")
     assert slow == fast
     assert render_prompt(phi3_tokenizer, VARIED["system"][:2]) == reference(
         phi3_tokenizer, VARIED["system"][:2], add_generation_prompt=True
