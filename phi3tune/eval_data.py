@@ -65,12 +65,19 @@ def apply_eval_overrides(run_config: dict[str, Any], overrides: Sequence[str], *
         key = apply_override(doc, item, problems)
         if key is not None and not (key.startswith("data.") or key in EVAL_SET_KEYS):
             problems.append(f"--set {key}: eval uses only data.* keys and {', '.join(EVAL_SET_KEYS)}")
+    if with_config:
+        if problems:
+            raise ConfigError(problems, "eval --set")
+        return run_config
+    from phi3tune.config_schema import DataConfig
+
+    data = doc.get("data") or {}
+    try:
+        DataConfig.model_validate({**data, "train": data.get("train") or _PLACEHOLDER_TRAIN})
+    except ValidationError as exc:
+        problems += pydantic_problems(exc, "data", DataConfig)
     if problems:
         raise ConfigError(problems, "eval --set")
-    if with_config:
-        return run_config
-    data = doc.get("data") or {}
-    _validated_data({**data, "train": data.get("train") or _PLACEHOLDER_TRAIN})
     return doc
 
 

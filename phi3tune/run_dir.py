@@ -196,6 +196,14 @@ def resolve_target(target: str | Path, *, allow_model: bool = True, allow_hub: b
     return Target("model", str(target))
 
 
+def tokenizer_source(target: Target) -> str:
+    """Where to load the tokenizer from: the adapter folder (phi3tune saves it there), else the base."""
+    if target.kind == "adapter" and not any((Path(target.path) / name).is_file()
+                                            for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return str(target.base)
+    return target.path
+
+
 def inference_dtype(target: Target, device: str) -> torch.dtype:
     """The dtype to run a target in: the run's training dtype where known, bf16 on GPU, fp32 on CPU."""
     trained = (target.run_config.get("resolved") or {}).get("dtype")
@@ -253,7 +261,7 @@ def load_for_inference(target: Target, *, device: str, quantize: bool = True):
         return load_full_model(target.path, dtype=dtype, device=device), tokenizer
     from peft import PeftModel
 
-    tokenizer = modeling.load_tokenizer(target.path)
+    tokenizer = modeling.load_tokenizer(tokenizer_source(target))
     revision = target.base_revision if not Path(target.base).is_dir() else None
     base = load_full_model(target.base, dtype=dtype, device=device, revision=revision, quantization=quantization)
     model = PeftModel.from_pretrained(base, target.path, is_trainable=False)

@@ -160,3 +160,195 @@ def test_hints_quote_paths_with_spaces(tmp_path: Path) -> None:
     shutil.rmtree(run / "adapter")
     error = _usage_error(run)
     assert f"--output-dir '{run}' --resume" in error.hint
+
+
+# --- item 4: eval --output never overwrites what eval did not write; locks ----------------------------------
+
+
+@pytest.mark.parametrize("victim", ["metrics.jsonl", "run_config.yaml", "cfg.yaml", "notes.json"])
+def test_eval_output_refuses_files_it_did_not_write(fake_run: Path, tmp_path: Path, victim: str) -> None:
+    target = fake_run / victim if victim in ("metrics.jsonl", "run_config.yaml") else tmp_path / victim
+    if not target.exists():
+        target.write_text('{"mine": 1}\n' if victim.endswith(".json") else "model: {}\n")
+    before = target.read_bytes()
+    result = cli(["eval", str(fake_run), "--output", str(target)])
+    assert result.exit_code == 2, result.output
+    assert "not written by phi3tune eval" in result.output and "hint" in result.output
+    assert target.read_bytes() == before
+
+
+def test_eval_output_folder_is_exit_2(fake_run: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "some folder"
+    folder.mkdir()
+    result = cli(["eval", str(fake_run), "--output", str(folder)])
+    assert result.exit_code == 2 and "is a folder" in result.output, result.output
+    assert f"'{folder / 'eval_metrics.json'}'" in result.output
+    assert list(folder.iterdir()) == []
+
+
+def test_eval_output_accepts_new_and_earlier_eval_files(fake_run: Path, tmp_path: Path) -> None:
+    from phi3tune.evaluate import check_output
+
+    assert check_output(tmp_path / "new.json") == tmp_path / "new.json"
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"written_by": "phi3tune eval", "eval_loss": 1.0}))
+    (tmp_path / "earlier.generations.jsonl").write_text(json.dumps({"prompt": "p", "reference": "r", "answer": "a"}) + "\n")
+    assert check_output(earlier) == earlier
+    # The run's training-time eval_metrics.json (kept under training_eval by eval) is accepted too.
+    (fake_run / "eval_metrics.json").write_text(json.dumps({"eval_loss": 1.0, "n_samples": 2}))
+    assert check_output(fake_run / "eval_metrics.json")
+    # ...but not a generations file that is someone else's.
+    (tmp_path / "other.generations.jsonl").write_text("my notes\n")
+    with pytest.raises(UsageError, match="other.generations.jsonl"):
+        check_output(tmp_path / "other.json")
+
+
+def test_eval_into_a_run_in_use_is_exit_2(fake_run: Path) -> None:
+    from phi3tune.run_lock import folder_lock
+
+    with folder_lock(fake_run, "train"):
+        result = cli(["eval", str(fake_run)])
+    assert result.exit_code == 2 and "in use by process" in result.output and "train" in result.output
+
+
+def test_merge_into_an_output_in_use_is_exit_2(fake_run: Path, tmp_path: Path) -> None:
+    from phi3tune.run_lock import folder_lock
+
+    out = tmp_path / "merged"
+    with folder_lock(out, "merge"):
+        result = cli(["merge-adapter", str(fake_run), str(out)])
+    assert result.exit_code == 2 and "in use by process" in result.output, result.output
+    assert not out.exists()
+
+
+# --- eval --set ----------------------------------------------------------------------------------------------
+
+
+def test_eval_set_is_checked_before_loading(fake_run: Path) -> None:
+    result = cli(["eval", str(fake_run), "--set", "training_config.learning_rate=1", "--set", "data.on_invalid=maybe",
+                  "--set", "nonsense"])
+    assert result.exit_code == 2, result.output
+    assert "training_config.learning_rate" in result.output and "data.on_invalid" in result.output
+    assert "KEY=VALUE" in result.output
+
+
+def test_eval_set_applies_to_the_runs_data_policies(fake_run: Path) -> None:
+    from phi3tune.eval_data import _data_policies, apply_eval_overrides
+    from phi3tune.run_dir import read_run_config
+
+    run_config = read_run_config(fake_run)
+    changed = apply_eval_overrides(run_config, ["data.on_invalid=skip", "training_config.max_length=64"])
+    assert changed["data"]["on_invalid"] == "skip" and changed["training_config"]["max_length"] == 64
+    assert run_config["data"].get("on_invalid") is None  # a copy: the recorded config is untouched
+    assert _data_policies(changed).on_invalid == "skip"
+    assert _data_policies(apply_eval_overrides({}, ["data.format=alpaca"])).format == "alpaca"
+
+
+# --- merge-adapter: staged and renamed, files follow the umask --------------------------------------------
+
+
+def test_interrupted_merge_leaves_no_output(fake_run: Path, tmp_path: Path, monkeypatch) -> None:
+    from phi3tune import merge
+
+    def killed_midway(target, staging, out, **kwargs):
+        (staging / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge, "_merge_into", killed_midway)
+    out = tmp_path / "merged"
+    result = cli(["merge-adapter", str(fake_run), str(out)])
+    assert result.exit_code == 130
+    assert not out.exists() and not merge.staging_dir(out).exists()
+
+
+def test_merge_replaces_a_staging_folder_left_by_a_killed_merge(fake_run: Path, tmp_path: Path, monkeypatch) -> None:
+    from phi3tune import merge
+
+    out = tmp_path / "merged"
+    stale = merge.staging_dir(out)
+    stale.mkdir()
+    (stale / "MERGE_INCOMPLETE").write_text("x")
+    (stale / "model.safetensors").write_bytes(b"half")
+
+    def finished(target, staging, out, **kwargs):
+        assert not (staging / "model.safetensors").exists()
+        (staging / "config.json").write_text("{}")
+        (staging / "MERGE_INCOMPLETE").unlink()
+        return 0.0
+
+    monkeypatch.setattr(merge, "_merge_into", finished)
+    result = cli(["merge-adapter", str(fake_run), str(out)])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in out.iterdir()] == ["config.json"] and not stale.exists()
+    # A folder of that name that phi3tune did not make is left alone.
+    other = tmp_path / "other"
+    merge.staging_dir(other).mkdir()
+    (merge.staging_dir(other) / "mine.txt").write_text("mine")
+    result = cli(["merge-adapter", str(fake_run), str(other)])
+    assert result.exit_code == 2 and "left alone" in result.output
+    assert (merge.staging_dir(other) / "mine.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_merged_files_follow_the_umask(trained_run: Path, tmp_path: Path) -> None:
+    from phi3tune import merge
+
+    out = tmp_path / "merged"
+    previous = os.umask(0o022)
+    try:
+        result = cli(["merge-adapter", str(trained_run), str(out), "--no-verify"])
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+    assert "MERGE_INCOMPLETE" not in modes and not merge.staging_dir(out).exists()
+    assert resolve_target(out).kind == "model"
+
+
+# --- chat: empty prompts and prompts past the context -------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n"])
+def test_chat_refuses_an_empty_prompt(fake_run: Path, prompt: str) -> None:
+    result = cli(["chat", str(fake_run), "--prompt", prompt])
+    assert result.exit_code == 2 and "--prompt is empty" in result.output, result.output
+
+
+@pytest.fixture(scope="module")
+def short_context_model():
+    """A tiny random Phi-3 with a 64-token context (enough to test the check, no weights to load)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=32000)
+    return Phi3ForCausalLM(config).eval()
+
+
+def test_chat_refuses_a_prompt_past_the_context(short_context_model, phi3_tokenizer) -> None:
+    from phi3tune.chat import generate_reply
+
+    long = [{"role": "user", "content": "word " * 100}]
+    with pytest.raises(UsageError) as caught:
+        generate_reply(short_context_model, phi3_tokenizer, long, max_new_tokens=8)
+    assert "context length of 64 tokens" in caught.value.message and "the prompt is 1" in caught.value.message
+    # A short prompt fits, unless max_new_tokens leaves no room for it.
+    short = [{"role": "user", "content": "hi"}]
+    assert isinstance(generate_reply(short_context_model, phi3_tokenizer, short, max_new_tokens=4), str)
+    with pytest.raises(UsageError, match="lower --max-new-tokens to at most"):
+        generate_reply(short_context_model, phi3_tokenizer, short, max_new_tokens=63)
+
+
+def test_interactive_chat_keeps_going_after_a_too_long_message(short_context_model, phi3_tokenizer) -> None:
+    import io
+
+    from rich.console import Console
+
+    from phi3tune.chat import chat_loop
+
+    lines = iter(["word " * 100, "hi", "/exit"])
+    console_out = io.StringIO()
+    turns = chat_loop(short_context_model, phi3_tokenizer, system=None, max_new_tokens=4,
+                      console=Console(file=console_out, width=400), read_line=lambda: next(lines), out=io.StringIO())
+    assert turns == 1 and "context length of 64" in console_out.getvalue()
