@@ -352,3 +352,37 @@ def test_interactive_chat_keeps_going_after_a_too_long_message(short_context_mod
     turns = chat_loop(short_context_model, phi3_tokenizer, system=None, max_new_tokens=4,
                       console=Console(file=console_out, width=400), read_line=lambda: next(lines), out=io.StringIO())
     assert turns == 1 and "context length of 64" in console_out.getvalue()
+
+
+# --- printed commands quote paths ---------------------------------------------------------------------------
+
+
+def test_report_retry_hint_quotes_the_run_path(tmp_path: Path, monkeypatch, caplog) -> None:
+    from phi3tune import report
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "plot_report", broken)
+    run = tmp_path / "my run"
+    run.mkdir()
+    report.write_report(run)
+    assert f"phi3tune report '{run}'" in caplog.text
+
+
+# --- eval --set end to end: the hint eval gives can be followed -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_eval_invalid_rows_hint_and_set_on_invalid(trained_run: Path, tmp_path: Path) -> None:
+    data = tmp_path / "mixed.jsonl"
+    good = {"messages": [{"role": "user", "content": "Reverse these words: a b"}, {"role": "assistant", "content": "b a"}]}
+    bad = {"messages": [{"role": "user", "content": "no answer"}]}
+    data.write_text("".join(json.dumps(r) + "\n" for r in (good, bad, good)))
+    out = tmp_path / "m.json"
+    result = cli(["eval", str(trained_run), "--data", str(data), "--output", str(out)])
+    assert result.exit_code == 2 and "--set data.on_invalid=skip" in result.output, result.output
+    assert not out.exists()
+    result = cli(["eval", str(trained_run), "--data", str(data), "--output", str(out), "--set", "data.on_invalid=skip"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["n_samples"] == 2
