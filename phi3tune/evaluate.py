@@ -15,6 +15,12 @@ DESIGN.md §3 (eval_loss, perplexity, token_accuracy, n_samples, n_tokens) for t
 reading the training-time file keep working; ``adapter``/``base``/``difference`` sections are added,
 and a training-time file that was there is kept under ``training_eval`` rather than overwritten.
 ``eval_generations.jsonl`` beside it holds prompt / reference / answer (and base_answer).
+
+Nothing else is ever overwritten: ``--output`` must be a new file, an earlier eval's output (its
+``written_by`` marker) or a run's training-time ``eval_metrics.json``, and the generations file beside it
+new or an earlier eval's; a folder or any other file is exit 2 (``check_output``). Both are written
+atomically, and while eval writes into a run folder it holds the run's lock (``run_lock``), so a train,
+resume or second eval cannot write the same files at the same time.
 """
 
 from __future__ import annotations
