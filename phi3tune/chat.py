@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 
 from phi3tune import modeling
+from phi3tune.errors import UsageError
 from phi3tune.run_dir import load_for_inference, resolve_target
 
 EXIT_WORDS = {"/exit", "/quit", "exit", "quit"}
@@ -31,6 +32,27 @@ def _streamer(tokenizer, out: TextIO):
     return _ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+def check_fits_context(model, n_prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt that leaves no room for the answer in the model's context.
+
+    Past ``max_position_embeddings`` a Phi-3 either fails deep inside generate or silently answers from a
+    context it was never trained on; a clear refusal is better than either.
+
+    Raises:
+        UsageError: ``n_prompt_tokens + max_new_tokens`` exceeds the context length.
+    """
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int) or n_prompt_tokens + max_new_tokens <= context:
+        return
+    room = context - n_prompt_tokens
+    raise UsageError(
+        f"the prompt is {n_prompt_tokens} tokens; with --max-new-tokens {max_new_tokens} that exceeds the "
+        f"model's context length of {context} tokens.",
+        hint=(f"lower --max-new-tokens to at most {room}, or shorten the prompt" if room > 0 else
+              f"shorten the prompt to well under {context} tokens") + " (interactively: /reset starts over).",
+    )
+
+
 @torch.no_grad()
 def generate_reply(model, tokenizer, messages: list[dict[str, str]], *, max_new_tokens: int,
                    out: TextIO | None = None) -> str:
@@ -45,10 +67,14 @@ def generate_reply(model, tokenizer, messages: list[dict[str, str]], *, max_new_
 
     Returns:
         The reply text, without special tokens.
+
+    Raises:
+        UsageError: The prompt leaves no room for ``max_new_tokens`` in the model's context.
     """
     from phi3tune.chat_template import render_prompt
 
     prompt = torch.tensor([render_prompt(tokenizer, messages)], device=next(model.parameters()).device)
+    check_fits_context(model, prompt.shape[1], max_new_tokens)
     output = model.generate(
         input_ids=prompt,
         attention_mask=torch.ones_like(prompt),
@@ -90,7 +116,12 @@ def chat_loop(model, tokenizer, *, system: str | None, max_new_tokens: int, cons
             continue
         messages.append({"role": "user", "content": text})
         console.print("[bold]phi3>[/] ", end="")
-        reply = generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, out=out)
+        try:
+            reply = generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, out=out)
+        except UsageError as exc:  # too long for the context: say so and keep the session
+            messages.pop()
+            console.print(f"\n[bold red]error:[/] {exc.message}\n[yellow]hint:[/] {exc.hint}", highlight=False)
+            continue
         messages.append({"role": "assistant", "content": reply})
         turns += 1
 
@@ -105,8 +136,13 @@ def run_chat(target: str, *, prompt: str | None = None, system: str | None = Non
         system: Optional system prompt.
         max_new_tokens: Generation limit per answer.
         console: Where status lines go (answers go to stdout).
+
+    Raises:
+        UsageError: An empty prompt, a target that cannot be used, or a prompt too long for the context.
     """
     console = console or Console(stderr=True)
+    if prompt is not None and not prompt.strip():
+        raise UsageError("--prompt is empty.", hint="give the message to answer, or leave out --prompt to chat interactively.")
     resolved = resolve_target(target)
     device = modeling.device_type()
     what = f"adapter {resolved.path} on {resolved.base}" if resolved.kind == "adapter" else f"model {resolved.path}"

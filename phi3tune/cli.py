@@ -106,18 +106,21 @@ def train(
 
 @app.command("eval")
 def eval_(
-    run_or_adapter: Path = typer.Argument(..., help="A run's output dir (its adapter/ is used) or an adapter dir."),
+    run_or_adapter: str = typer.Argument(..., help="A run's output dir (its adapter/ is used) or an adapter dir."),
     config: Optional[Path] = typer.Option(None, "--config", help="Config whose data.eval to use (default: the run's)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this data file instead."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Evaluate at most N samples."),
     compare_base: bool = typer.Option(False, "--compare-base", help="Also evaluate the base model, side by side."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Metrics JSON (default: RUN/eval_metrics.json)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", help="Metrics JSON file (default: RUN/eval_metrics.json); a new file or an earlier eval's."
+    ),
+    set_: List[str] = typer.Option([], "--set", help="Override a data key: --set data.on_invalid=skip (YAML value)."),
 ) -> None:
     """Eval loss, perplexity and token accuracy on assistant tokens, plus sample generations."""
     from phi3tune.evaluate import run_eval
 
     _run(lambda: run_eval(run_or_adapter, config=config, data=data, max_samples=max_samples,
-                          compare_base=compare_base, output=output, console=console))
+                          compare_base=compare_base, output=output, overrides=set_, console=console))
 
 
 @app.command("merge-adapter")

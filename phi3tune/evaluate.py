@@ -15,10 +15,18 @@ DESIGN.md §3 (eval_loss, perplexity, token_accuracy, n_samples, n_tokens) for t
 reading the training-time file keep working; ``adapter``/``base``/``difference`` sections are added,
 and a training-time file that was there is kept under ``training_eval`` rather than overwritten.
 ``eval_generations.jsonl`` beside it holds prompt / reference / answer (and base_answer).
+
+Nothing else is ever overwritten: ``--output`` must be a new file, an earlier eval's output (its
+``written_by`` marker) or a run's training-time ``eval_metrics.json``, and the generations file beside it
+new or an earlier eval's; a folder or any other file is exit 2 (``check_output``). Both are written
+atomically, and while eval writes into a run folder it holds the run's lock (``run_lock``), so a train,
+resume or second eval cannot write the same files at the same time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -31,16 +39,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from phi3tune import modeling
+from phi3tune.artefacts import quoted
 from phi3tune.checkpoints import atomic_write_json, atomic_write_text
-from phi3tune.eval_data import load_eval_dataset
-from phi3tune.errors import UsageError
-from phi3tune.run_dir import Target, load_for_inference, resolve_target
+from phi3tune.errors import DataError, UsageError
+from phi3tune.eval_data import apply_eval_overrides, load_eval_dataset
+from phi3tune.run_dir import RUN_CONFIG, Target, load_for_inference, resolve_target
+from phi3tune.run_lock import folder_lock
 
 IGNORE_INDEX = -100
 BATCH_SIZE = 4
 N_GENERATIONS = 5
 MAX_GENERATION_TOKENS = 256
 METRIC_KEYS = ("eval_loss", "perplexity", "token_accuracy")
+TRAINING_METRIC_KEYS = {*METRIC_KEYS, "n_samples", "n_tokens"}
+EVAL_METRICS_FILE = "eval_metrics.json"
+WRITTEN_BY = "phi3tune eval"  # the marker that makes an existing --output file ours to replace
 
 
 @torch.no_grad()
@@ -146,30 +159,93 @@ def _difference(adapter: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]
 
 def _default_output(target: Target) -> Path:
     if target.run_dir is not None:
-        return target.run_dir / "eval_metrics.json"
+        return target.run_dir / EVAL_METRICS_FILE
     if Path(target.path).is_dir():
-        return Path(target.path) / "eval_metrics.json"
+        return Path(target.path) / EVAL_METRICS_FILE
     raise UsageError(f"{target.path} is a hub id: there is no run folder to write metrics to.",
                      hint="pass --output FILE.json")
 
 
 def _generations_path(output: Path) -> Path:
-    if output.name == "eval_metrics.json":
+    if output.name == EVAL_METRICS_FILE:
         return output.with_name("eval_generations.jsonl")
     return output.with_name(f"{output.stem}.generations.jsonl")
+
+
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _is_training_time_metrics(path: Path, loaded: dict[str, Any] | None) -> bool:
+    """The eval_metrics.json ``phi3tune train`` writes into a run: only the metric keys, in a run folder."""
+    return (path.name == EVAL_METRICS_FILE and loaded is not None and bool(loaded)
+            and set(loaded) <= TRAINING_METRIC_KEYS and (path.parent / RUN_CONFIG).is_file())
+
+
+def _is_generations_file(path: Path) -> bool:
+    """An eval_generations file an earlier eval wrote: JSON lines with prompt and answer, or empty."""
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in lines]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return all(isinstance(row, dict) and {"prompt", "answer"} <= set(row) for row in rows)
+
+
+def check_output(output: Path) -> Path:
+    """Refuse an ``--output`` that would overwrite something that is not an earlier eval's output.
+
+    Accepted: a new file; a JSON file an earlier ``phi3tune eval`` wrote (``written_by``); a run's
+    training-time ``eval_metrics.json`` (kept under ``training_eval``). The generations file written beside
+    it must likewise be new or an earlier eval's.
+
+    Raises:
+        UsageError: ``output`` is a folder or something else, or an existing file eval did not write.
+    """
+    output = Path(output).expanduser()
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a folder; --output names the metrics file.",
+                         hint=f"e.g. --output {quoted(output / EVAL_METRICS_FILE)}")
+    if output.exists() and not output.is_file():
+        raise UsageError(f"--output {output} is not a regular file.", hint="give a new .json file path.")
+    if output.is_file():
+        loaded = _read_json_object(output)
+        ours = loaded is not None and loaded.get("written_by") == WRITTEN_BY
+        if not (ours or _is_training_time_metrics(output, loaded)):
+            raise UsageError(
+                f"--output {output} already exists and was not written by phi3tune eval; it will not be overwritten.",
+                hint=f"give a new file, e.g. --output {quoted(output.with_name(output.stem + '.eval.json'))}",
+            )
+    generations = _generations_path(output)
+    if generations.exists() and not (generations.is_file() and _is_generations_file(generations)):
+        raise UsageError(
+            f"{generations} (where eval writes its sample generations) exists and was not written by phi3tune "
+            "eval; it will not be overwritten.",
+            hint="choose another --output name.",
+        )
+    return output
+
+
+def _run_folder_holding(output: Path, target: Target) -> Path | None:
+    """The run folder ``output`` is written into (to be locked), if any."""
+    parent = output.expanduser().resolve().parent
+    if target.run_dir is not None and parent == Path(target.run_dir).resolve():
+        return parent
+    return parent if (parent / RUN_CONFIG).is_file() else None
 
 
 def _previous_training_eval(output: Path) -> dict[str, Any] | None:
     """The training-time metrics found at ``output`` (kept, not clobbered), if any."""
     if not output.is_file():
         return None
-    try:
-        previous = json.loads(output.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    previous = _read_json_object(output)
+    if previous is None:
         return None
-    if not isinstance(previous, dict):
-        return None
-    if previous.get("written_by") == "phi3tune eval":
+    if previous.get("written_by") == WRITTEN_BY:
         return previous.get("training_eval")  # an earlier eval: carry its preserved training section on
     return previous
 
@@ -198,36 +274,56 @@ def _fmt(value: Any, signed: bool = False) -> str:
     return f"{value:+.4f}" if signed else f"{value:.4f}"
 
 
-def run_eval(run_or_adapter: Path, *, config: Path | None = None, data: Path | None = None,
+def run_eval(run_or_adapter: str | Path, *, config: Path | None = None, data: Path | None = None,
              max_samples: int | None = None, compare_base: bool = False, output: Path | None = None,
-             console: Console | None = None) -> None:
+             overrides: list[str] | None = None, console: Console | None = None) -> None:
     """``phi3tune eval``: score a run's adapter (and optionally its base) and write the results.
 
     Args:
-        run_or_adapter: A run dir, an adapter dir or a model dir.
+        run_or_adapter: A run dir, an adapter dir or a model dir (never a hub id: there is nothing to
+            compare or write into).
         config: A config whose eval data to use instead of the run's.
         data: A data file to evaluate on instead (any supported format).
         max_samples: Use only the first N samples.
         compare_base: Also score the base model (adapter disabled) on the same samples.
-        output: Metrics JSON path (default: RUN/eval_metrics.json).
+        output: Metrics JSON path (default: RUN/eval_metrics.json); new, or an earlier eval's output.
+        overrides: ``--set KEY=VALUE`` items for the run's ``data.*`` (and ``training_config.max_length``/``seed``).
         console: Where the table and progress go.
 
     Raises:
-        UsageError: Bad target, no eval data, or --compare-base for a full model.
+        UsageError: Bad target, no eval data, --compare-base for a full model, an --output that is not ours
+            to overwrite, or the run folder in use by another phi3tune process.
     """
     console = console or Console(stderr=True)
     if config is not None and data is not None:
         raise UsageError("--config and --data both choose the eval data; give one.")
-    target = resolve_target(run_or_adapter)
+    target = resolve_target(run_or_adapter, allow_hub=False)
     if compare_base and target.kind != "adapter":
         raise UsageError(f"--compare-base needs an adapter; {target.path} is a full model.")
-    output = Path(output) if output is not None else _default_output(target)
+    target = dataclasses.replace(target, run_config=apply_eval_overrides(target.run_config, overrides or [],
+                                                                         with_config=config is not None))
+    output = Path(output).expanduser() if output is not None else _default_output(target)
+    run_folder = _run_folder_holding(output, target)
+    # Writing into a run: no train, resume or second eval may write it meanwhile.
+    with folder_lock(run_folder, "eval") if run_folder is not None else contextlib.nullcontext():
+        check_output(output)
+        _evaluate(target, output, config=config, data=data, overrides=overrides or [], max_samples=max_samples,
+                  compare_base=compare_base, console=console)
+
+
+def _evaluate(target: Target, output: Path, *, config: Path | None, data: Path | None, overrides: list[str],
+              max_samples: int | None, compare_base: bool, console: Console) -> None:
     device = modeling.device_type()
     model, tokenizer = load_for_inference(target, device=device)
     if target.quantization and device != "cuda":
         console.print("[yellow]warning:[/] QLoRA adapter evaluated on the unquantized base (no GPU): "
                       "numbers differ slightly from the 4-bit base it was trained on.")
-    dataset, source = load_eval_dataset(target, tokenizer, config=config, data=data)
+    try:
+        dataset, source = load_eval_dataset(target, tokenizer, config=config, data=data, overrides=overrides)
+    except DataError as exc:
+        if exc.hint and "on_invalid" in exc.hint:  # the data module's hint names the config key; eval has --set
+            exc.hint = "fix these rows, or pass --set data.on_invalid=skip to leave them out (the count is shown)."
+        raise
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.select(range(max_samples))
     if len(dataset) == 0:
@@ -243,7 +339,7 @@ def run_eval(run_or_adapter: Path, *, config: Path | None = None, data: Path | N
                 base_metrics = score(model, dataset, progress=progress, label="base")
     samples = generations(model, tokenizer, dataset, compare_base=compare_base)
 
-    result: dict[str, Any] = {**adapter_metrics, "written_by": "phi3tune eval", "target": target.path,
+    result: dict[str, Any] = {**adapter_metrics, "written_by": WRITTEN_BY, "target": target.path,
                               "target_kind": target.kind, "base_model": target.base, "data": source,
                               "adapter": adapter_metrics}
     if base_metrics is not None:

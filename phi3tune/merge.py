@@ -1,11 +1,23 @@
 """Merge a LoRA adapter into its base, save a plain transformers model, and verify it.
 
-Steps: refuse a non-empty OUTPUT_DIR -> mark it incomplete -> load the base unquantized in float32
+Steps: refuse a non-empty OUTPUT_DIR -> lock it -> write into a hidden staging folder beside it, marked
+incomplete -> load the base unquantized in float32
 (a QLoRA adapter is merged into the full-precision base, never into 4-bit weights) -> record
 base + adapter logits on fixed prompts -> ``merge_and_unload`` -> check the merged logits -> cast to
 the save dtype (bf16 on GPU, fp32 on CPU) -> save safetensors shards, tokenizer, generation config ->
 check the saved tensors and that plain ``AutoModelForCausalLM`` loads them and generates -> remove the
-incomplete marker.
+incomplete marker, give the files the umask's permissions -> rename the staging folder to OUTPUT_DIR.
+
+Why staging rather than only a ``MERGE_INCOMPLETE`` marker in OUTPUT_DIR: the merged folder is mostly read
+by other tools (plain transformers, vLLM, an upload), which know nothing of the marker and would load a
+half-written or unverified model. With staging, OUTPUT_DIR exists only once it is verified. The marker is
+kept inside the staging folder, and phi3tune's readers (``artefacts.check_model_dir``) refuse any folder
+holding it, so a staging folder renamed by hand, or an output of an older phi3tune, is still caught. A
+failed verification keeps the staging folder (with ``merge_verification.json``) for inspection and names
+it; any other failure removes it; one left by a killed merge is removed by the next merge into the same
+OUTPUT_DIR (under its lock, so no live merge is using it). safetensors creates its files 0600 whatever the
+umask, so the files are given the umask's permissions before the rename: a merged model is meant to be
+shared.
 
 Why merge in float32 even for a bf16 model: ``W + s·B·A`` is then rounded to bf16 once, instead of
 peft's bf16 product and bf16 sum (two roundings), and the merge can be verified exactly. Measured on
@@ -28,6 +40,8 @@ price of bf16 weights, the same for any bf16 export.
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,11 +51,13 @@ import torch
 from rich.console import Console
 
 from phi3tune import modeling
+from phi3tune.artefacts import MERGE_INCOMPLETE, MERGE_STAGING_SUFFIX, quoted
 from phi3tune.checkpoints import atomic_write_json
 from phi3tune.errors import Phi3TuneError, UsageError
-from phi3tune.run_dir import Target, load_full_model, resolve_target
+from phi3tune.run_dir import Target, load_full_model, resolve_target, tokenizer_source
+from phi3tune.run_lock import folder_lock
 
-INCOMPLETE_MARKER = "MERGE_INCOMPLETE"
+INCOMPLETE_MARKER = MERGE_INCOMPLETE
 VERIFICATION_FILE = "merge_verification.json"
 MAX_SHARD_SIZE = "5GB"
 FP32_TOLERANCE = 1e-4  # relative to max(1, largest |logit|): see the module docstring
@@ -126,6 +142,46 @@ def _only_safe_files(out: Path) -> list[str]:
     return [p.name for p in out.iterdir() if p.is_file() and p.suffix not in allowed and p.name != INCOMPLETE_MARKER]
 
 
+def staging_dir(out: Path) -> Path:
+    """The hidden folder beside ``out`` that a merge writes into before renaming it to ``out``."""
+    return out.with_name(f".{out.name}{MERGE_STAGING_SUFFIX}")
+
+
+def _fresh_staging(out: Path, console: Console) -> Path:
+    """An empty staging folder for ``out``; one left by a killed or failed merge (ours: marked) is removed."""
+    staging = staging_dir(out)
+    if staging.exists():
+        if not (staging.is_dir() and ((staging / INCOMPLETE_MARKER).is_file() or not any(staging.iterdir()))):
+            raise UsageError(f"{staging} exists and was not made by phi3tune merge-adapter; it is left alone.",
+                             hint="move it away, or choose another output folder.")
+        console.print(f"[yellow]removing {staging}, left by an earlier merge that did not finish", highlight=False)
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    (staging / INCOMPLETE_MARKER).write_text(
+        "phi3tune merge-adapter started; this folder is not a usable model until this file is gone.\n")
+    return staging
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give every file in ``folder`` the permissions the umask allows (safetensors writes 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.chmod(path, 0o666 & ~mask)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Rename the verified staging folder to ``out`` (an absent or still-empty folder)."""
+    try:
+        os.rename(staging, out)
+    except OSError as exc:
+        raise UsageError(
+            f"could not move the merged model into {out} ({exc.strerror}): something was written there meanwhile.",
+            hint=f"the verified merged model is in {quoted(staging)}; move it where you want it.",
+        ) from exc
+
+
 def merge_and_save(adapter_dir: Path, output_dir: Path, *, verify: bool = True, console: Console | None = None) -> None:
     """Merge an adapter into its base, save it to ``output_dir`` and (by default) verify the result.
 
@@ -136,25 +192,40 @@ def merge_and_save(adapter_dir: Path, output_dir: Path, *, verify: bool = True, 
         console: Where progress and results are printed.
 
     Raises:
-        UsageError: Bad adapter path or non-empty output dir (exit 2).
-        MergeVerificationError: A check failed (exit 1); ``MERGE_INCOMPLETE`` stays in ``output_dir``.
+        UsageError: Bad adapter path, non-empty output dir, or another merge writing it (exit 2).
+        MergeVerificationError: A check failed (exit 1); ``output_dir`` is not created and the staging
+            folder beside it is kept, marked ``MERGE_INCOMPLETE``.
     """
-    from peft import PeftModel
-
     console = console or Console(stderr=True)
     started = time.perf_counter()
     target: Target = resolve_target(adapter_dir, allow_model=False)
     out = _check_output_dir(Path(output_dir), Path(target.path))
-    out.mkdir(parents=True, exist_ok=True)
-    marker = out / INCOMPLETE_MARKER
-    marker.write_text("phi3tune merge-adapter started; this folder is not a usable model until this file is gone.\n")
+    with folder_lock(out, "merge"):
+        out = _check_output_dir(out, Path(target.path))  # again, now that no other merge can write it
+        staging = _fresh_staging(out, console)
+        try:
+            seconds = _merge_into(target, staging, out, verify=verify, console=console, started=started)
+        except MergeVerificationError:
+            raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # a partial model is of no use to anyone
+            raise
+        _publish(staging, out)
+    console.print(f"[green]merged model {'verified' if verify else 'written'}[/] in {seconds:.1f}s: {out}",
+                  highlight=False)
 
+
+def _merge_into(target: Target, staging: Path, out: Path, *, verify: bool, console: Console, started: float) -> float:
+    """Load, merge, verify and save into ``staging``; returns the seconds taken. ``out`` is for messages."""
+    from peft import PeftModel
+
+    marker = staging / INCOMPLETE_MARKER
     device = modeling.device_type()
     save_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if target.quantization:
         console.print(f"QLoRA adapter ({target.quantization}): merging into the unquantized base.")
     console.print(f"loading base {target.base} (float32 on {device}) and adapter {target.path}", highlight=False)
-    tokenizer = modeling.load_tokenizer(target.path)
+    tokenizer = modeling.load_tokenizer(tokenizer_source(target))
     revision = target.base_revision if not Path(target.base).is_dir() else None
     base = load_full_model(target.base, dtype=torch.float32, device=device, revision=revision)
     model = PeftModel.from_pretrained(base, target.path, is_trainable=False).eval()
@@ -179,25 +250,25 @@ def merge_and_save(adapter_dir: Path, output_dir: Path, *, verify: bool = True, 
                 f"{result['adapter_effect_max_abs']:.3g})"
             )
             if not result["passed"]:
-                _fail(out, result, f"merged model disagrees with base + adapter: max |logit diff| "
+                _fail(staging, out, result, f"merged model disagrees with base + adapter: max |logit diff| "
                       f"{result['max_abs_diff']:.3g} > tolerance {tolerance:.3g}")
 
     merged = merged.to(save_dtype)
-    _save(merged, tokenizer, out)
-    console.print(f"saved merged model ({_name(save_dtype)}) to {out}", highlight=False)
-    unsafe = _only_safe_files(out)
+    _save(merged, tokenizer, staging)
+    console.print(f"saved merged model ({_name(save_dtype)}) to {staging}", highlight=False)
+    unsafe = _only_safe_files(staging)
     if unsafe:
-        _fail(out, result, f"unexpected non-safetensors/JSON files in {out}: {unsafe}")
+        _fail(staging, out, result, f"unexpected non-safetensors/JSON files in {staging}: {unsafe}")
     if verify:
-        mismatched = _saved_tensor_mismatches(merged, out)
+        mismatched = _saved_tensor_mismatches(merged, staging)
         del merged, model, base
         if device == "cuda":
             torch.cuda.empty_cache()
         if mismatched:
-            _fail(out, result, f"saved tensors differ from the verified merge: {mismatched[:5]}")
-        result.update(_check_reload(out, inputs, reference, save_dtype, device))
+            _fail(staging, out, result, f"saved tensors differ from the verified merge: {mismatched[:5]}")
+        result.update(_check_reload(staging, inputs, reference, save_dtype, device))
         if not result["generates"]:
-            _fail(out, result, "the saved model does not generate")
+            _fail(staging, out, result, "the saved model does not generate")
         if save_dtype != torch.float32:
             console.print(f"{_name(save_dtype)} weights: max |logit diff| vs the float32 reference "
                           f"{result['saved_vs_reference_max_abs']:.3g} (rounding of the weights, reported only)")
@@ -207,18 +278,18 @@ def merge_and_save(adapter_dir: Path, output_dir: Path, *, verify: bool = True, 
     else:
         console.print("[yellow]not verified (--no-verify).")
     result["seconds"] = round(time.perf_counter() - started, 2)
-    atomic_write_json(out / VERIFICATION_FILE, {**result, "verified": verify})
+    atomic_write_json(staging / VERIFICATION_FILE, {**result, "verified": verify})
     marker.unlink()
-    console.print(f"[green]merged model {'verified' if verify else 'written'}[/] in {result['seconds']:.1f}s: {out}",
-                  highlight=False)
+    _follow_umask(staging)
+    return result["seconds"]
 
 
-def _fail(out: Path, result: dict[str, Any], message: str) -> None:
-    """Record the failed check next to the incomplete marker and stop with exit 1."""
-    atomic_write_json(out / VERIFICATION_FILE, {**result, "passed": False, "error": message})
+def _fail(staging: Path, out: Path, result: dict[str, Any], message: str) -> None:
+    """Record the failed check next to the incomplete marker and stop with exit 1; ``out`` is not created."""
+    atomic_write_json(staging / VERIFICATION_FILE, {**result, "passed": False, "error": message})
     raise MergeVerificationError(
-        f"{message}. {out} is left marked {INCOMPLETE_MARKER}.",
-        hint="do not use this merged model; rerun with PHI3TUNE_DEBUG=1 and report the problem.",
+        f"{message}. {out} was not created; the unverified merge is kept in {staging} (marked {INCOMPLETE_MARKER}).",
+        hint=f"do not use it; delete it (rm -r {quoted(staging)}), rerun with PHI3TUNE_DEBUG=1 and report the problem.",
     )
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +150,7 @@ def write_report(run_dir: Path) -> Path:
         plot_report(read_metrics(run_dir / METRICS_FILE), path, title=run_dir.resolve().name)
     except Exception as exc:  # noqa: BLE001 - see the docstring
         log.warning("could not draw %s (%s: %s); run `phi3tune report %s` to retry", path, type(exc).__name__,
-                    exc, run_dir)
+                    exc, shlex.quote(str(run_dir)))
     return path
 
 

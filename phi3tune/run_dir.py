@@ -5,6 +5,11 @@ merged (or any full) model directory, or a hub id. For an adapter we also find i
 adapter config's ``base_model_name_or_path``, or, when that absolute path no longer exists (a
 random_init run that was moved or copied), the run's own ``base_model/`` next to the adapter.
 
+A target that does not exist is a hub id only where nothing says it was meant as a local path
+(``target_names``): a mistyped ``runs/s11`` is "no such folder", never a download of a stranger's
+repository. Folders phi3tune did not finish writing (an interrupted merge, a cut-off ``base_model/``, an
+adapter without weights, a staging folder) are refused before any weights are read (``artefacts``).
+
 Pickled weights (``adapter_model.bin``, ``pytorch_model.bin``) can run code when loaded, so they are
 refused unless the user opts in with ``PHI3TUNE_ALLOW_PICKLE=1``.
 """
@@ -21,7 +26,16 @@ import torch
 import yaml
 
 from phi3tune import modeling
+from phi3tune.artefacts import (
+    MERGE_INCOMPLETE,
+    check_adapter_dir,
+    check_model_dir,
+    is_staging_folder,
+    quoted,
+    staging_left_beside,
+)
 from phi3tune.errors import UsageError
+from phi3tune.target_names import could_be_hub_id, looks_like_local_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 RUN_CONFIG = "run_config.yaml"
@@ -87,36 +101,61 @@ def _adapter_base(adapter_dir: Path) -> str:
     base = config.get("base_model_name_or_path")
     sibling = adapter_dir.resolve().parent / "base_model"
     if base and Path(base).is_absolute() and not Path(base).exists():
-        if (sibling / "config.json").is_file():
+        if sibling.is_dir():
             return str(sibling)
+        _refuse_staged_base(sibling)
         raise UsageError(
             f"the adapter's base model {base} no longer exists and there is no base_model/ next to the adapter.",
             hint="copy the run's base_model/ folder next to adapter/, or fix base_model_name_or_path in "
-            f"{adapter_dir / ADAPTER_CONFIG}.",
+            f"{quoted(adapter_dir / ADAPTER_CONFIG)}.",
         )
     if not base:
-        if (sibling / "config.json").is_file():
+        if sibling.is_dir():
             return str(sibling)
+        _refuse_staged_base(sibling)
         raise UsageError(f"{adapter_dir / ADAPTER_CONFIG} names no base_model_name_or_path.")
+    if Path(base).is_absolute() and Path(base).name == "base_model":
+        _refuse_staged_base(Path(base))
     return base
 
 
-def resolve_target(target: str | Path, *, allow_model: bool = True) -> Target:
+def _refuse_staged_base(base_dir: Path) -> None:
+    """A run's base_model/ that was still being written (only its staging folder is there)."""
+    if not base_dir.exists() and staging_left_beside(base_dir) is not None:
+        raise UsageError(
+            f"the run's base model {base_dir} was still being written when the run stopped "
+            f"({staging_left_beside(base_dir).name} is there instead).",
+            hint=f"resume the run to finish it (phi3tune train CONFIG --output-dir {quoted(base_dir.parent)} --resume).",
+        )
+
+
+def _missing_target(target: str, *, hub_ok: bool) -> UsageError:
+    """The error for a target that is not a local folder and is not taken as a hub id."""
+    parent = Path(target).expanduser().parent
+    look = f" (see ls {quoted(parent)})" if str(parent) not in ("", ".") and parent.is_dir() else ""
+    accepted = "a run folder, an adapter folder, a model folder or a hub id" if hub_ok else "a run folder or an adapter folder"
+    return UsageError(f"{target}: no such folder.", hint=f"check the path{look}; give {accepted}.")
+
+
+def resolve_target(target: str | Path, *, allow_model: bool = True, allow_hub: bool = True) -> Target:
     """Work out what a RUN_OR_ADAPTER(_OR_MODEL) argument points at.
 
     Args:
         target: A run dir, adapter dir, model dir or hub id.
         allow_model: Accept full models (dirs or hub ids); False where only adapters make sense.
+        allow_hub: Accept a hub id; False where only local folders make sense (eval).
 
     Returns:
         The resolved target.
 
     Raises:
-        UsageError: Nothing usable is there, a pickle would be loaded, or a model was given where an
-            adapter is required.
+        UsageError: Nothing usable is there (a missing path, an incomplete merge, adapter or base model), a
+            pickle would be loaded, or a model was given where an adapter is required.
     """
     path = Path(target).expanduser()
     if path.is_dir():
+        if (path / MERGE_INCOMPLETE).exists() or (is_staging_folder(path) and not (path / ADAPTER_CONFIG).is_file()):
+            check_model_dir(path)
         if (path / "adapter" / ADAPTER_CONFIG).is_file():
             run_dir, adapter_dir = path, path / "adapter"
         elif (path / ADAPTER_CONFIG).is_file():
@@ -125,28 +164,44 @@ def resolve_target(target: str | Path, *, allow_model: bool = True) -> Target:
             if not allow_model:
                 raise UsageError(f"{path} is a full model, not a LoRA adapter or a run directory.")
             _refuse_pickle(path, "*.safetensors", "pytorch_model.bin")
+            check_model_dir(path)
             return Target("model", str(path))
         elif (path / RUN_CONFIG).is_file():
+            staged = staging_left_beside(path / "adapter")
+            why = "its adapter was still being saved when it stopped" if staged else "it did not finish"
             raise UsageError(
-                f"{path} is a run without an adapter/ (it did not finish).",
-                hint="resume it with `phi3tune train CONFIG --output-dir RUN --resume`.",
+                f"{path} is a run without an adapter/ ({why}).",
+                hint=f"resume it with `phi3tune train CONFIG --output-dir {quoted(path)} --resume`.",
             )
         else:
             raise UsageError(f"{path} holds no adapter (adapter_config.json), run (adapter/) or model (config.json).")
         _refuse_pickle(adapter_dir, "adapter_model.safetensors", "adapter_model.bin")
+        check_adapter_dir(adapter_dir)
+        base = _adapter_base(adapter_dir)
+        if Path(base).is_dir():
+            _refuse_pickle(Path(base), "*.safetensors", "pytorch_model.bin")
+            check_model_dir(Path(base), role="base model")
         return Target(
             "adapter",
             str(adapter_dir),
             run_dir=run_dir,
-            base=_adapter_base(adapter_dir),
+            base=base,
             run_config=read_run_config(run_dir) if run_dir else {},
         )
     if path.exists():
         raise UsageError(f"{path} is a file; give a run directory, an adapter directory or a model.")
-    looks_like_hub_id = str(target).count("/") == 1 and not str(target).startswith((".", "/", "~"))
-    if not (allow_model and looks_like_hub_id):
-        raise UsageError(f"{target} does not exist.", hint="give a run directory, an adapter directory or a hub id.")
+    hub_ok = allow_model and allow_hub
+    if not (hub_ok and could_be_hub_id(str(target))):
+        raise _missing_target(str(target), hub_ok=hub_ok)
     return Target("model", str(target))
+
+
+def tokenizer_source(target: Target) -> str:
+    """Where to load the tokenizer from: the adapter folder (phi3tune saves it there), else the base."""
+    if target.kind == "adapter" and not any((Path(target.path) / name).is_file()
+                                            for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return str(target.base)
+    return target.path
 
 
 def inference_dtype(target: Target, device: str) -> torch.dtype:
@@ -206,7 +261,7 @@ def load_for_inference(target: Target, *, device: str, quantize: bool = True):
         return load_full_model(target.path, dtype=dtype, device=device), tokenizer
     from peft import PeftModel
 
-    tokenizer = modeling.load_tokenizer(target.path)
+    tokenizer = modeling.load_tokenizer(tokenizer_source(target))
     revision = target.base_revision if not Path(target.base).is_dir() else None
     base = load_full_model(target.base, dtype=dtype, device=device, revision=revision, quantization=quantization)
     model = PeftModel.from_pretrained(base, target.path, is_trainable=False)

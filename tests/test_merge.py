@@ -95,8 +95,10 @@ def test_a_corrupted_merge_fails_verification(trained_run: Path, tmp_path: Path,
     result = runner.invoke(app, ["merge-adapter", str(trained_run / "adapter"), str(out)])
     assert result.exit_code == 1, result.output
     assert "disagrees" in result.output
-    assert (out / merge.INCOMPLETE_MARKER).is_file()
-    report = json.loads((out / merge.VERIFICATION_FILE).read_text())
+    # The unverified merge never appears under the output's name; it is kept, marked, in the staging folder.
+    staging = merge.staging_dir(out.resolve())
+    assert not out.exists() and (staging / merge.INCOMPLETE_MARKER).is_file()
+    report = json.loads((staging / merge.VERIFICATION_FILE).read_text())
     assert not report["passed"] and report["max_abs_diff"] > report["tolerance"]
 
 
@@ -153,4 +155,5 @@ def test_a_corrupted_export_fails_verification(trained_run: Path, tmp_path: Path
     out = tmp_path / "bad_export"
     result = runner.invoke(app, ["merge-adapter", str(trained_run), str(out)])
     assert result.exit_code == 1, result.output
-    assert "down_proj" in result.output and (out / merge.INCOMPLETE_MARKER).is_file()
+    assert "down_proj" in result.output and not out.exists()
+    assert (merge.staging_dir(out.resolve()) / merge.INCOMPLETE_MARKER).is_file()
