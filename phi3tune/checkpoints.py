@@ -77,12 +77,17 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-def fsync_tree(path: Path) -> None:
-    """Flush every file under ``path`` to disk before the folder is renamed into place or marked complete."""
+def settle_tree(path: Path) -> None:
+    """Before a saved folder is renamed into place: give every file the umask's mode, and flush it to disk.
+
+    safetensors (and others) write through their own temp files, which leaves them 0600 whatever the umask.
+    """
+    mode = file_mode()
     for file in path.rglob("*"):
-        if file.is_file():
+        if file.is_file() and not file.is_symlink():
             fd = os.open(file, os.O_RDONLY)
             try:
+                os.fchmod(fd, mode)
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from phi3tune.checkpoints import fsync_tree
+from phi3tune.checkpoints import settle_tree
 from phi3tune.errors import ResourceError, UsageError
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ def save_base_model(model, tokenizer, directory: Path) -> None:
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     phi3_generation_config(model.config).save_pretrained(staging)
-    fsync_tree(staging)
+    settle_tree(staging)
     if directory.exists():
         old = directory.with_name(f".old-{directory.name}")
         shutil.rmtree(old, ignore_errors=True)

@@ -35,7 +35,7 @@ from phi3tune.checkpoints import (
     CHECKPOINTS_DIR,
     atomic_write_json,
     atomic_write_text,
-    fsync_tree,
+    settle_tree,
     latest_complete_checkpoint,
     resume_changes,
 )
@@ -131,7 +131,7 @@ def save_adapter(trainer, tokenizer, adapter_dir: Path, base_model_path: str | N
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     modeling.phi3_generation_config(model.config).save_pretrained(staging)
-    fsync_tree(staging)
+    settle_tree(staging)
     if adapter_dir.exists():
         old = adapter_dir.with_name(f".old-{adapter_dir.name}")
         shutil.rmtree(old, ignore_errors=True)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from trl import SFTTrainer
 
-from phi3tune.checkpoints import atomic_write_text, complete_checkpoints, fsync_tree, mark_complete
+from phi3tune.checkpoints import atomic_write_text, complete_checkpoints, settle_tree, mark_complete
 from phi3tune.errors import NonFiniteLossError
 from phi3tune.resources import nonfinite_hints
 from phi3tune.safe_state import has_state, load_state, save_state
@@ -141,7 +141,7 @@ class Phi3Trainer(SFTTrainer):
             self.args.output_dir, self.args.save_total_limit = str(root), limit
         written = staging / f"checkpoint-{step}"
         atomic_write_text(written / RUN_STATE_FILE, json.dumps({"total_train_tokens": int(self._total_train_tokens)}))
-        fsync_tree(written)
+        settle_tree(written)
         if final.exists():  # the same step saved twice (e.g. a stop request on a save step): move the old aside
             old = root / f".tmp-old-checkpoint-{step}"
             os.replace(final, old)
