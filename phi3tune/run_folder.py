@@ -82,6 +82,14 @@ def check_writable(folder: Path) -> None:
             )
 
 
+def leftover_old_runs(folder: Path) -> list[Path]:
+    """Old runs an --overwrite moved aside and never got to delete or restore (the process was killed).
+
+    Only the lock holder stages a folder, so with the lock held every such sibling is a leftover.
+    """
+    return sorted(folder.parent.glob(f".{folder.name}.phi3tune-old-*"))
+
+
 class StagedRunFolder:
     """The folder of a new run, undoable until training has begun.
 
@@ -100,8 +108,10 @@ class StagedRunFolder:
     def create(self) -> None:
         if self.replace and self.folder.is_dir() and any(self.folder.iterdir()):
             aside = self.folder.with_name(f".{self.folder.name}.phi3tune-old-{os.getpid()}")
-            if aside.exists():  # left by an earlier process with the same pid that was killed mid-replace
-                shutil.rmtree(aside)
+            n = 1
+            while aside.exists():  # a leftover of an earlier process with the same pid: keep it, pick another name
+                n += 1
+                aside = self.folder.with_name(f".{self.folder.name}.phi3tune-old-{os.getpid()}-{n}")
             try:
                 os.replace(self.folder, aside)
             except OSError as exc:

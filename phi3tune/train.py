@@ -41,7 +41,7 @@ from phi3tune.checkpoints import (
 )
 from phi3tune.integrity import folder_problem
 from phi3tune.resume import ResumePlan, plan_resume
-from phi3tune.run_folder import StagedRunFolder, check_output_dir, write_marker
+from phi3tune.run_folder import StagedRunFolder, check_output_dir, leftover_old_runs, write_marker
 from phi3tune.run_lock import folder_lock
 from phi3tune.signals import StopOnSignalCallback, graceful_stop, interrupted_error, stop_at_once
 
@@ -161,6 +161,9 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
     output_dir = check_output_dir(cfg.output_dir, **policy)
     with folder_lock(output_dir, "train"):
         check_output_dir(output_dir, **policy)  # again under the lock: another process may have written it meanwhile
+        for old in leftover_old_runs(output_dir):
+            console.print(f"[yellow]warning:[/] {old} holds a run that an interrupted --overwrite moved aside; "
+                          f"move it back over {output_dir} or delete it.", highlight=False)
         try:
             return _train_locked(cfg, output_dir, resume=resume, overwrite=overwrite, console=console)
         except PermissionError as exc:
