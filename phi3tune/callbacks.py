@@ -152,3 +152,16 @@ class ProgressCallback(TrainerCallback):
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class TrainBeganCallback(TrainerCallback):
+    """Calls ``action`` once, when training begins (optimizer and scheduler built: trl accepted the settings)."""
+
+    def __init__(self, action) -> None:
+        self.action = action
+        self.began = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.began:
+            self.began = True
+            self.action()

@@ -1,7 +1,7 @@
-"""Output-directory policy, complete-checkpoint lookup and atomic file writes.
+"""Complete-checkpoint lookup and atomic file writes.
 
-Nothing a user made is ever overwritten without ``--overwrite``, and only checkpoints that finished
-writing (marked complete) are ever resumed.
+Only checkpoints that finished writing (marked complete) are ever resumed; every file phi3tune writes
+itself goes through a temp file and a rename, with the permissions the user's umask gives.
 """
 
 from __future__ import annotations
@@ -14,73 +14,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from phi3tune.errors import UsageError
 
 COMPLETE_MARKER = "phi3tune_complete.json"
 CHECKPOINTS_DIR = "checkpoints"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def check_output_dir(
-    output_dir: Path | None, *, resume: bool, overwrite: bool, config_path: Path | None = None
-) -> Path:
-    """Validate the run's output directory according to DESIGN.md §3, touching nothing.
-
-    Refuses the current directory, the home directory, the config's own directory, a file, and any
-    non-empty directory unless ``resume`` or ``overwrite`` is given. Nothing is created or removed here, so
-    a run that fails validation later leaves the directory exactly as it was.
-
-    Returns:
-        The resolved directory.
-
-    Raises:
-        UsageError: The directory is not acceptable for this run.
-    """
-    if output_dir is None:
-        raise UsageError(
-            "no output directory: set training_config.output_dir or pass --output-dir.",
-            hint="e.g. phi3tune train CONFIG --output-dir runs/my-run",
-        )
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite contradict each other; pick one.")
-    path = Path(output_dir).expanduser().resolve()
-    forbidden = {Path.cwd().resolve(): "the current directory", Path.home().resolve(): "your home directory",
-                 Path(path.anchor): "the filesystem root"}
-    if config_path is not None:
-        forbidden[Path(config_path).resolve().parent] = "the config file's own directory"
-    if path in forbidden:
-        raise UsageError(
-            f"output directory {path} is {forbidden[path]}; phi3tune will not write a run there.",
-            hint="choose a dedicated folder, e.g. --output-dir runs/my-run",
-        )
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"output directory {path} is a file.", hint="choose another --output-dir.")
-    if path.is_dir() and any(path.iterdir()):
-        if not (overwrite or resume):
-            raise UsageError(
-                f"output directory {path} is not empty.",
-                hint="pass --resume to continue its newest complete checkpoint, --overwrite to replace it, "
-                "or choose another --output-dir.",
-            )
-    elif resume:
-        raise UsageError(f"--resume: {path} holds no run to resume.", hint="drop --resume to start a new run.")
-    return path
-
-
-def create_output_dir(path: Path, *, overwrite: bool) -> Path:
-    """Create (or, with ``overwrite``, empty) a directory that ``check_output_dir`` accepted."""
-    if overwrite and path.is_dir():
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def prepare_output_dir(
-    output_dir: Path | None, *, resume: bool, overwrite: bool, config_path: Path | None = None
-) -> Path:
-    """``check_output_dir`` then ``create_output_dir`` in one call."""
-    path = check_output_dir(output_dir, resume=resume, overwrite=overwrite, config_path=config_path)
-    return create_output_dir(path, overwrite=overwrite)
 
 
 def mark_complete(checkpoint_dir: Path, step: int) -> None:
@@ -109,16 +49,48 @@ def latest_complete_checkpoint(checkpoints_root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def incomplete_checkpoints(checkpoints_root: Path) -> list[Path]:
+    """Half-written checkpoints (no completeness marker) and staging folders, which resume removes."""
+    if not checkpoints_root.is_dir():
+        return []
+    return sorted(child for child in checkpoints_root.iterdir() if child.is_dir() and (
+        child.name.startswith(".tmp-") or (_CHECKPOINT_RE.match(child.name) and not is_complete(child))))
+
+
 def remove_incomplete_checkpoints(checkpoints_root: Path) -> list[Path]:
     """Delete half-written checkpoints (no marker, or temp dirs); return what was removed."""
-    removed = []
-    if not checkpoints_root.is_dir():
-        return removed
-    for child in checkpoints_root.iterdir():
-        if child.is_dir() and (child.name.startswith(".tmp-") or (_CHECKPOINT_RE.match(child.name) and not is_complete(child))):
-            shutil.rmtree(child, ignore_errors=True)
-            removed.append(child)
+    removed = incomplete_checkpoints(checkpoints_root)
+    for child in removed:
+        shutil.rmtree(child, ignore_errors=True)
     return removed
+
+
+def file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file under the current umask (0644 under umask 022).
+
+    ``mkstemp`` creates its files 0600 whatever the umask; files renamed from it into place get this instead,
+    so a run or merged model can be shared as the user's umask intends. (Reading the umask means setting it
+    for an instant; phi3tune creates no files from other threads meanwhile.)
+    """
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def settle_tree(path: Path) -> None:
+    """Before a saved folder is renamed into place: give every file the umask's mode, and flush it to disk.
+
+    safetensors (and others) write through their own temp files, which leaves them 0600 whatever the umask.
+    """
+    mode = file_mode()
+    for file in path.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fchmod(fd, mode)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -126,6 +98,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -154,17 +127,34 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: node}
 
 
+def read_previous_run_config(path: Path) -> dict[str, Any]:
+    """A resumed run's ``run_config.yaml`` as a dict (``{}`` when absent).
+
+    Raises:
+        UsageError: It is there but unreadable (cut short, edited into invalid YAML, not a mapping).
+    """
+    if not path.is_file():
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(loaded, dict) or loaded is None else "not a YAML mapping"
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        loaded, problem = None, str(exc).splitlines()[0]
+    if problem:
+        raise UsageError(
+            f"--resume: {path} is damaged ({problem}).",
+            hint=f"restore it from a backup, or delete {path}: this run rewrites it from the config.",
+        )
+    return loaded or {}
+
+
 def resume_changes(previous_run_config: Path, current: dict[str, Any], data_fingerprint: str | None) -> list[str]:
     """What differs between the run being resumed (its run_config.yaml) and this one, one line per key.
 
     A resumed run equals an uninterrupted one only with the same config and data; a changed value (say a
     longer ``max_steps``) may be on purpose, so the caller warns rather than refuses.
     """
-    import yaml
-
-    if not previous_run_config.is_file():
-        return []
-    before = yaml.safe_load(previous_run_config.read_text(encoding="utf-8")) or {}
+    before = read_previous_run_config(previous_run_config)
     old = _flatten({k: before.get(k) for k in _COMPARED_SECTIONS})
     new = _flatten({k: current.get(k) for k in _COMPARED_SECTIONS})
     changes = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))

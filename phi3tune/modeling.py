@@ -7,12 +7,15 @@ weights turns into one clear message (exit 2 or 3) instead of a traceback.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from phi3tune.checkpoints import settle_tree
 from phi3tune.errors import ResourceError, UsageError
 
 log = logging.getLogger(__name__)
@@ -213,8 +216,20 @@ def phi3_generation_config(model_config):
 
 
 def save_base_model(model, tokenizer, directory: Path) -> None:
-    """Save a randomly initialised base (safetensors + tokenizer) so the adapter has a base to point at."""
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    phi3_generation_config(model.config).save_pretrained(directory)
+    """Save a randomly initialised base (safetensors + tokenizer) so the adapter has a base to point at.
+
+    Written beside, flushed and renamed into place (replacing a damaged one): a kill or a full disk
+    mid-save leaves a ``.tmp-`` folder, never a ``base_model/`` that looks whole.
+    """
+    staging = directory.with_name(f".tmp-{directory.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    phi3_generation_config(model.config).save_pretrained(staging)
+    settle_tree(staging)
+    if directory.exists():
+        old = directory.with_name(f".old-{directory.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(staging, directory)

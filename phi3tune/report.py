@@ -19,6 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
+from phi3tune.checkpoints import file_mode
 from phi3tune.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ def plot_report(metrics: RunMetrics, path: Path, title: str) -> Path:
     fig.tight_layout()
     # Write through a temp file and a rename, so an interrupted write never leaves a broken PNG.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.fchmod(fd, file_mode())  # mkstemp makes it 0600; the PNG follows the umask like every other file
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=100)

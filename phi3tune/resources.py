@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -39,12 +40,43 @@ def out_of_memory_error(cfg: Any | None, detail: str = "") -> ResourceError:
     return ResourceError(text, hint="a complete checkpoint, if one was saved, resumes with --resume.")
 
 
+def _disk_full(exc: BaseException) -> BaseException | None:
+    """The exception in ``exc``'s chain that says the disk (or quota) is full, if any.
+
+    An OSError carries ENOSPC/EDQUOT; safetensors and tokenizers (Rust) only say it in their message.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        text = str(current)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def disk_full_error(exc: BaseException) -> ResourceError:
+    name = getattr(exc, "filename", None)
+    where = f" while writing {name}" if name else ""
+    return ResourceError(
+        f"the disk is full{where} ({str(exc).splitlines()[0][:160]}).",
+        hint="free some space (or point the output at a larger disk) and run again; a training run resumes "
+        "from its newest complete checkpoint with --resume.",
+    )
+
+
 def translate_resource_error(exc: BaseException, cfg: Any | None = None) -> ResourceError | None:
-    """Map library exceptions that mean "not enough machine" to a ResourceError; None for anything else."""
+    """Map library exceptions that mean "not enough machine" (GPU memory, disk) to a ResourceError, else None."""
     import torch
 
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc):
         return out_of_memory_error(cfg, str(exc))
+    full = _disk_full(exc)
+    if full is not None:
+        return disk_full_error(full)
     return None
 
 

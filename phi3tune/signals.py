@@ -44,33 +44,55 @@ class StopRequest:
 
 
 @contextmanager
-def graceful_stop() -> Iterator[StopRequest]:
+def _signal_handler(handle) -> Iterator[None]:
+    """Install ``handle`` for SIGINT/SIGTERM within the block (only possible in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in _HANDLED}
+    for sig in _HANDLED:
+        signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def graceful_stop(
+    aborted: str = "stopped at once, without saving the current step.",
+    hint: str = "the newest complete checkpoint is intact; --resume continues from it.",
+) -> Iterator[StopRequest]:
     """Within the block, the first SIGINT/SIGTERM only records a stop request; a second one aborts.
+
+    Args:
+        aborted: What a second signal leaves behind, for its message.
+        hint: What to do after a second signal.
 
     Outside the main thread (signal handlers cannot be installed there) the block runs unguarded.
     """
     request = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-    previous = {sig: signal.getsignal(sig) for sig in _HANDLED}
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        if request.requested:  # the user insists: stop now; atomic saves keep the last checkpoint whole
-            raise TrainingInterrupted(
-                f"{signal.Signals(signum).name} again: stopped at once, without saving the current step.",
-                exit_code=128 + signum,
-                hint="the newest complete checkpoint is intact; --resume continues from it.",
-            )
+        if request.requested:  # the user insists: stop now; atomic saves keep what was saved whole
+            raise TrainingInterrupted(f"{signal.Signals(signum).name} again: {aborted}", exit_code=128 + signum,
+                                      hint=hint)
         request.signum = signum
 
-    for sig in _HANDLED:
-        signal.signal(sig, handle)
-    try:
+    with _signal_handler(handle):
         yield request
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+
+
+@contextmanager
+def stop_at_once(message: str, hint: str) -> Iterator[None]:
+    """Within the block, SIGINT/SIGTERM stop at once with ``message`` (for work that is safe to cut short)."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise TrainingInterrupted(f"{signal.Signals(signum).name}: {message}", exit_code=128 + signum, hint=hint)
+
+    with _signal_handler(handle):
+        yield
 
 
 class StopOnSignalCallback(TrainerCallback):

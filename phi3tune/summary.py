@@ -13,7 +13,9 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
 
 
 def print_train_summary(summary: Any, console: Console) -> None:
-    table = Table(title="phi3tune: training finished", show_header=False, title_justify="left")
+    title = "phi3tune: run already finished (nothing resumed)" if getattr(summary, "already_finished", False) \
+        else "phi3tune: training finished"
+    table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     table.add_row("adapter", str(summary.adapter_dir))

@@ -11,6 +11,7 @@ demos and tests.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -26,28 +27,33 @@ import yaml
 from rich.console import Console
 
 from phi3tune import modeling
-from phi3tune.errors import ResourceError, UsageError
+from phi3tune.errors import ResourceError, TrainingInterrupted, UsageError
 from phi3tune.report import read_metrics, write_report
 from phi3tune.fastpath import apply_patches, resolve_attn_implementation
 from phi3tune.model.kbit import prepare_kbit_model
 from phi3tune.training.arguments import build_training_args
-from phi3tune.callbacks import MetricsFileCallback, ProgressCallback
+from phi3tune.callbacks import MetricsFileCallback, ProgressCallback, TrainBeganCallback
 from phi3tune.checkpoints import (
     CHECKPOINTS_DIR,
     atomic_write_json,
     atomic_write_text,
-    check_output_dir,
-    create_output_dir,
+    settle_tree,
     latest_complete_checkpoint,
-    remove_incomplete_checkpoints,
     resume_changes,
 )
-from phi3tune.signals import StopOnSignalCallback, graceful_stop, interrupted_error
+from phi3tune.integrity import folder_problem
+from phi3tune.resume import ResumePlan, plan_resume
+from phi3tune.run_folder import StagedRunFolder, check_output_dir, leftover_old_runs, write_marker
+from phi3tune.run_lock import folder_lock
+from phi3tune.signals import StopOnSignalCallback, graceful_stop, interrupted_error, stop_at_once
 
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 BASE_MODEL_DIR = "base_model"
+# What a saved random_init base needs to load (a kill or full disk while the old non-atomic save ran left
+# a 0-byte config.json).
+BASE_MODEL_REQUIRED = ("config.json", "model*.safetensors", "tokenizer_config.json", "generation_config.json")
 
 
 @dataclass
@@ -62,6 +68,7 @@ class TrainSummary:
     eval_metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     tokens_per_second: float | None = None
+    already_finished: bool = False
 
 
 def _library_versions() -> dict[str, str]:
@@ -102,26 +109,98 @@ def save_adapter(trainer, tokenizer, adapter_dir: Path, base_model_path: str | N
     if base_model_path is not None:
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = base_model_path
-    # Written beside and renamed into place: a crash mid-save never leaves a half adapter that loads.
+    # Written beside, flushed and renamed into place: a crash mid-save never leaves a half adapter that loads.
     staging = adapter_dir.with_name(f".tmp-{adapter_dir.name}")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     modeling.phi3_generation_config(model.config).save_pretrained(staging)
+    settle_tree(staging)
     if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
+        old = adapter_dir.with_name(f".old-{adapter_dir.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(adapter_dir, old)
+        shutil.rmtree(old, ignore_errors=True)
     os.replace(staging, adapter_dir)
 
 
+def _local_data_paths(cfg) -> list[Path]:
+    """The run's local data files (resolved by the config loader); hub datasets have none."""
+    paths = []
+    for source in (cfg.data.train, cfg.data.eval):
+        path = getattr(source, "path", None) if source is not None else None
+        if path and "://" not in str(path):
+            paths.append(Path(path))
+    return paths
+
+
 def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> TrainSummary:
-    """Train a LoRA/QLoRA adapter as described by ``cfg`` (a validated RunConfig)."""
-    from transformers import PrinterCallback, set_seed
-    from trl import SFTConfig
+    """Train a LoRA/QLoRA adapter as described by ``cfg`` (a validated RunConfig).
+
+    The output folder is checked before anything loads and locked for the whole run, so a second
+    ``phi3tune train`` into it exits 2 naming this process.
+    """
+    console = console or Console(stderr=True)
+    policy = dict(resume=resume, overwrite=overwrite, config_path=cfg.source, data_paths=_local_data_paths(cfg))
+    output_dir = check_output_dir(cfg.output_dir, **policy)
+    with folder_lock(output_dir, "train"):
+        check_output_dir(output_dir, **policy)  # again under the lock: another process may have written it meanwhile
+        for old in leftover_old_runs(output_dir):
+            console.print(f"[yellow]warning:[/] {old} holds a run that an interrupted --overwrite moved aside; "
+                          f"move it back over {output_dir} or delete it.", highlight=False)
+        try:
+            return _train_locked(cfg, output_dir, resume=resume, overwrite=overwrite, console=console)
+        except PermissionError as exc:
+            raise UsageError(
+                f"permission denied: {exc.filename or output_dir} ({exc.strerror or exc}).",
+                hint=f"fix the permissions, or choose an --output-dir you can write to (now {output_dir}).",
+            ) from exc
+
+
+def _already_finished(output_dir: Path, plan: ResumePlan, console: Console, started: float) -> TrainSummary:
+    """--resume of a finished run: say so and leave every file as it is."""
+    console.print(f"nothing to resume in {output_dir}: {plan.finished}. No file was changed.", highlight=False)
+    console.print("to train further: --resume --set training_config.max_steps=N (more steps than now); to train "
+                  "again from scratch: --overwrite", highlight=False)
+    metrics = read_metrics(output_dir / "metrics.jsonl")
+    eval_metrics: dict[str, Any] = {}
+    eval_file = output_dir / "eval_metrics.json"
+    if eval_file.is_file():
+        try:
+            eval_metrics = json.loads(eval_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            eval_metrics = {}
+    return TrainSummary(
+        output_dir=output_dir,
+        adapter_dir=output_dir / ADAPTER_DIR,
+        steps=plan.step or (metrics.loss[-1][0] if metrics.loss else 0),
+        first_loss=metrics.loss[0][1] if metrics.loss else None,
+        final_loss=metrics.loss[-1][1] if metrics.loss else None,
+        eval_metrics=eval_metrics if isinstance(eval_metrics, dict) else {},
+        seconds=time.perf_counter() - started,
+        already_finished=True,
+    )
+
+
+def _ensure_base_model(model, tokenizer, base_dir: Path, console: Console) -> None:
+    """Save a random_init run's base, or write it again when a kill or full disk left it damaged.
+
+    The base is rebuilt from the seed, so a damaged copy is replaced by the same weights, before training:
+    a resume must never train to the end and then fail to point the adapter at a base.
+    """
+    problem = folder_problem(base_dir, BASE_MODEL_REQUIRED) if base_dir.exists() else "missing"
+    if problem is None:
+        return
+    if base_dir.exists():
+        console.print(f"[yellow]warning:[/] {base_dir} is incomplete ({problem}); writing it again", highlight=False)
+    modeling.save_base_model(model, tokenizer, base_dir)
+
+
+def _train_locked(cfg, output_dir: Path, *, resume: bool, overwrite: bool, console: Console) -> TrainSummary:
+    from transformers import set_seed
 
     from phi3tune.data import prepare_datasets
-    from phi3tune.trainer import Phi3Trainer
 
-    console = console or Console(stderr=True)
     started = time.perf_counter()
     from transformers.utils import logging as hf_logging
 
@@ -133,10 +212,12 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
     # is fixed here, and saying so at each checkpoint of an offline run is noise.
     warnings.filterwarnings("ignore", message="Could not find a config file", module="peft")
 
-    # 1. Output directory: refuse to clobber anything. Checked now, created (or emptied) only once data and
-    #    model have loaded, so a run that fails validation leaves the directory as it was.
-    output_dir = check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite, config_path=cfg.source)
+    # 1. Output directory (checked and locked by the caller). What --resume continues from is decided now,
+    #    before anything loads; nothing is written until data and model have loaded.
     checkpoints_root = output_dir / CHECKPOINTS_DIR
+    plan = plan_resume(output_dir, cfg.training_config) if resume else None
+    if plan is not None and plan.finished:
+        return _already_finished(output_dir, plan, console, started)
 
     # 2. Device, dtype, attention, seed.
     device = modeling.device_type()
@@ -169,18 +250,49 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
     for note in speed_notes:
         console.print(note)
     model = modeling.load_model(cfg.model, dtype=dtype, attn_implementation=attn, device=device, seed=seed)
-    create_output_dir(output_dir, overwrite=overwrite)
+
+    # 6. The run folder: a new run's is staged (an --overwrite's old run moved aside) until trl has accepted
+    #    the settings and training begins; any failure before that puts everything back as it was.
+    staged = StagedRunFolder(output_dir, replace=overwrite) if plan is None else None
+    if staged is not None:
+        staged.create()
+    else:
+        write_marker(output_dir)  # a run made before the marker existed gets it now
+    try:
+        trainer, stop, base_model_path = _start_training(cfg, output_dir, plan, staged, model, tokenizer, lora_config,
+                                                         data, args_dict, device=device, attn=attn, dtype=dtype,
+                                                         console=console)
+    except BaseException:
+        if staged is not None and staged.rollback():
+            console.print(f"[yellow]the previous run in {output_dir} was put back unchanged", highlight=False)
+        raise
+    if stop.requested:
+        raise interrupted_error(trainer, stop, cfg.source, checkpoints_root)
+    return _finish(cfg, output_dir, trainer, tokenizer, data, base_model_path, console, started)
+
+
+def _start_training(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFolder | None, model, tokenizer,
+                    lora_config, data, args_dict: dict[str, Any], *, device: str, attn: str, dtype: torch.dtype,
+                    console: Console):
+    """Everything from the first write into the run folder to the end of ``trainer.train()``.
+
+    Returns:
+        ``(trainer, stop request, base model path or None)``.
+    """
+    from transformers import PrinterCallback
+    from trl import SFTConfig
+
+    from phi3tune.trainer import Phi3Trainer
+
     resume_from = None
-    if resume:
-        for path in remove_incomplete_checkpoints(checkpoints_root):
-            console.print(f"[yellow]removed incomplete checkpoint {path.name}")
-        resume_from = latest_complete_checkpoint(checkpoints_root)
+    if plan is not None:
+        plan.apply(console)
+        resume_from = plan.checkpoint
         console.print(f"resuming from {resume_from}" if resume_from else "[yellow]no complete checkpoint: starting over")
     base_model_path = None
     if cfg.model.random_init is not None:
         base_dir = output_dir / BASE_MODEL_DIR
-        if not (base_dir / "config.json").is_file():
-            modeling.save_base_model(model, tokenizer, base_dir)
+        _ensure_base_model(model, tokenizer, base_dir, console)
         base_model_path = str(base_dir)
     if cfg.model.quantization:
         checkpointing = bool(args_dict.get("gradient_checkpointing"))
@@ -193,13 +305,13 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
 
-    # 6. The loop: trl's SFTTrainer with our checkpointing, metrics file and progress display.
+    # The loop: trl's SFTTrainer with our checkpointing, metrics file and progress display.
     if resume_from:
         data_fingerprint = data.report.to_dict().get("fingerprint")
         for change in resume_changes(output_dir / "run_config.yaml", cfg.to_dict(redact_secrets=True), data_fingerprint):
             console.print(f"[yellow]warning:[/] resuming with a changed setting: {change}", highlight=False)
     write_run_config(cfg, output_dir, device=device, attn=attn, dtype=dtype, data_info=data.report.to_dict())
-    metrics_path = output_dir / "metrics.jsonl"
+    began = TrainBeganCallback(staged.commit if staged is not None else (lambda: None))
     try:
         trainer = Phi3Trainer(
             model=model,
@@ -208,7 +320,7 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
             eval_dataset=data.eval,
             processing_class=tokenizer,
             peft_config=lora_config,
-            callbacks=[MetricsFileCallback(metrics_path), ProgressCallback(console)],
+            callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl"), ProgressCallback(console), began],
         )
     except ValueError as exc:  # trl/transformers/peft reject a value our schema let through
         raise UsageError(f"training_config / peft_config: {exc}") from exc
@@ -217,40 +329,73 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
     console.print(f"trainable LoRA parameters: {trainable:,}")
     with graceful_stop() as stop:
         trainer.add_callback(StopOnSignalCallback(stop, console))
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if stop.requested:
-        raise interrupted_error(trainer, stop, cfg.source, output_dir / CHECKPOINTS_DIR)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except (TypeError, ValueError) as exc:
+            if began.began:
+                raise
+            # Before the first step only the settings can be at fault (the optimizer or scheduler rejected one).
+            raise UsageError(f"training_config: {exc}", hint="check optim, lr_scheduler_type and their *_kwargs.") from exc
+    return trainer, stop, base_model_path
 
-    # 7. Adapter (never with non-finite weights), eval metrics, report.
+
+def _finish(cfg, output_dir: Path, trainer, tokenizer, data, base_model_path, console: Console,
+            started: float) -> TrainSummary:
+    """Adapter (never with non-finite weights), eval metrics, report; a signal here says what was kept."""
     adapter_dir = output_dir / ADAPTER_DIR
+    step = trainer.state.global_step
     trainer.check_finite_weights()
-    save_adapter(trainer, tokenizer, adapter_dir, base_model_path)
-    eval_metrics: dict[str, Any] = {}
-    if data.eval is not None:
-        # The trainer may have just evaluated at the final step; a second pass over a large eval set costs minutes.
-        last = trainer.state.log_history[-2:] if trainer.state.log_history else []
-        raw = next((row for row in last if "eval_loss" in row and row.get("step") == trainer.state.global_step), None)
-        raw = raw or trainer.evaluate()
-        loss = raw.get("eval_loss")
-        eval_metrics = {
-            "eval_loss": loss,
-            "perplexity": math.exp(loss) if loss is not None and loss < 50 else None,
-            "token_accuracy": raw.get("eval_mean_token_accuracy"),
-            "n_samples": len(data.eval),
-            "n_tokens": int(sum(sum(1 for t in row if t != -100) for row in data.eval["labels"])),
-        }
-        atomic_write_json(output_dir / "eval_metrics.json", eval_metrics)
-    write_report(output_dir)
+    final = latest_complete_checkpoint(output_dir / CHECKPOINTS_DIR)
+    if final is not None and final.name == f"checkpoint-{step}":
+        lost_hint = (f"the final checkpoint {final.name} is complete: phi3tune train {cfg.source or 'CONFIG'} "
+                     f"--output-dir {output_dir} --resume writes the adapter without training again.")
+    else:
+        lost_hint = "no checkpoint holds the final step; run the training again (--resume continues from the newest checkpoint)."
+    # The save takes seconds: a first signal lets it finish, a second abandons it (the old adapter, if any, stays).
+    with graceful_stop(aborted=f"stopped during the final save: training had finished at step {step}, and the "
+                       f"adapter was not saved to {adapter_dir}.", hint=lost_hint) as stop:
+        save_adapter(trainer, tokenizer, adapter_dir, base_model_path)
+    next_steps = (f"phi3tune eval {output_dir} computes the eval metrics; phi3tune report {output_dir} draws the "
+                  "report.")
+    if stop.requested:
+        raise TrainingInterrupted(
+            f"{stop.name} during the final save: training finished at step {step} and the adapter was saved to "
+            f"{adapter_dir}; the final evaluation and the report were skipped.",
+            exit_code=stop.exit_code, hint=next_steps,
+        )
+    with stop_at_once(f"stopped after training: the adapter is saved to {adapter_dir} (step {step}); the final "
+                      "evaluation and the report were not written.", hint=next_steps):
+        eval_metrics = _final_eval(output_dir, trainer, data)
+        write_report(output_dir)
 
-    metrics = read_metrics(metrics_path)
+    metrics = read_metrics(output_dir / "metrics.jsonl")
     rates = sorted(metrics.tokens_per_second)
     return TrainSummary(
         output_dir=output_dir,
         adapter_dir=adapter_dir,
-        steps=trainer.state.global_step,
+        steps=step,
         first_loss=metrics.loss[0][1] if metrics.loss else None,
         final_loss=metrics.loss[-1][1] if metrics.loss else None,
         eval_metrics=eval_metrics,
         seconds=time.perf_counter() - started,
         tokens_per_second=rates[len(rates) // 2] if rates else None,
     )
+
+
+def _final_eval(output_dir: Path, trainer, data) -> dict[str, Any]:
+    if data.eval is None:
+        return {}
+    # The trainer may have just evaluated at the final step; a second pass over a large eval set costs minutes.
+    last = trainer.state.log_history[-2:] if trainer.state.log_history else []
+    raw = next((row for row in last if "eval_loss" in row and row.get("step") == trainer.state.global_step), None)
+    raw = raw or trainer.evaluate()
+    loss = raw.get("eval_loss")
+    eval_metrics = {
+        "eval_loss": loss,
+        "perplexity": math.exp(loss) if loss is not None and loss < 50 else None,
+        "token_accuracy": raw.get("eval_mean_token_accuracy"),
+        "n_samples": len(data.eval),
+        "n_tokens": int(sum(sum(1 for t in row if t != -100) for row in data.eval["labels"])),
+    }
+    atomic_write_json(output_dir / "eval_metrics.json", eval_metrics)
+    return eval_metrics

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from trl import SFTTrainer
 
-from phi3tune.checkpoints import atomic_write_text, complete_checkpoints, mark_complete
+from phi3tune.checkpoints import atomic_write_text, complete_checkpoints, settle_tree, mark_complete
 from phi3tune.errors import NonFiniteLossError
 from phi3tune.resources import nonfinite_hints
 from phi3tune.safe_state import has_state, load_state, save_state
@@ -67,6 +67,14 @@ class Phi3Trainer(SFTTrainer):
             if run_state.is_file():
                 self._total_train_tokens = int(json.loads(run_state.read_text())["total_train_tokens"])
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _run_epoch(self, *args, **kwargs):
+        # max_steps is a hard stop. transformers only checks it after a step, and a run resumed at (or past) its
+        # last step still enters the epoch that step ended in: max_steps 4 with 3 steps an epoch trained step 5.
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     # ---- non-finite guard ---------------------------------------------------------------------------------
 
@@ -133,7 +141,7 @@ class Phi3Trainer(SFTTrainer):
             self.args.output_dir, self.args.save_total_limit = str(root), limit
         written = staging / f"checkpoint-{step}"
         atomic_write_text(written / RUN_STATE_FILE, json.dumps({"total_train_tokens": int(self._total_train_tokens)}))
-        _fsync_tree(written)
+        settle_tree(written)
         if final.exists():  # the same step saved twice (e.g. a stop request on a save step): move the old aside
             old = root / f".tmp-old-checkpoint-{step}"
             os.replace(final, old)
@@ -213,13 +221,3 @@ class Phi3Trainer(SFTTrainer):
         if "cuda" in states and torch.cuda.is_available():
             torch.cuda.random.set_rng_state(states["cuda"])
 
-
-def _fsync_tree(path: Path) -> None:
-    """Flush every file of a checkpoint to disk before it is renamed into place and marked complete."""
-    for file in path.rglob("*"):
-        if file.is_file():
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)

@@ -53,6 +53,7 @@ def test_a_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_non_empty_directory_needs_resume_or_overwrite(tmp_path: Path) -> None:
+    (tmp_path / ".phi3tune-run").write_text("{}")  # a phi3tune run (a folder of other files is never resumed)
     (tmp_path / "keep.txt").write_text("mine")
     _refused(_train("--output-dir", str(tmp_path)), "not empty", "--resume", "--overwrite")
     assert (tmp_path / "keep.txt").read_text() == "mine"
@@ -66,6 +67,7 @@ def test_resume_needs_a_run_and_contradicts_overwrite(tmp_path: Path) -> None:
 def test_overwrite_of_a_run_that_then_fails_validation_leaves_the_directory_alone(tmp_path: Path) -> None:
     """--overwrite empties the directory only after data and model have loaded, never for a failing run."""
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".phi3tune-run").write_text("{}")
     (tmp_path / "run" / "keep.txt").write_text("previous results")
     result = _train("--output-dir", str(tmp_path / "run"), "--overwrite",
                     "--set", f"data.train.path={tmp_path / 'missing.jsonl'}")  # fmt: skip
