@@ -12,9 +12,9 @@ from typing import Callable, TextIO
 import torch
 from rich.console import Console
 
-from phi3tune import modeling
+from phi3tune.model import loading
 from phi3tune.errors import UsageError
-from phi3tune.run_dir import load_for_inference, resolve_target
+from phi3tune.model.targets import load_for_inference, resolve_target
 
 EXIT_WORDS = {"/exit", "/quit", "exit", "quit"}
 RESET_WORD = "/reset"
@@ -71,7 +71,7 @@ def generate_reply(model, tokenizer, messages: list[dict[str, str]], *, max_new_
     Raises:
         UsageError: The prompt leaves no room for ``max_new_tokens`` in the model's context.
     """
-    from phi3tune.chat_template import render_prompt
+    from phi3tune.model.chat_template import render_prompt
 
     prompt = torch.tensor([render_prompt(tokenizer, messages)], device=next(model.parameters()).device)
     check_fits_context(model, prompt.shape[1], max_new_tokens)
@@ -80,8 +80,8 @@ def generate_reply(model, tokenizer, messages: list[dict[str, str]], *, max_new_
         attention_mask=torch.ones_like(prompt),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=list(modeling.PHI3_STOP_IDS),
-        pad_token_id=modeling.PHI3_EOS_ID,
+        eos_token_id=list(loading.PHI3_STOP_IDS),
+        pad_token_id=loading.PHI3_EOS_ID,
         streamer=_streamer(tokenizer, out) if out is not None else None,
     )
     return tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True).strip()
@@ -144,7 +144,7 @@ def run_chat(target: str, *, prompt: str | None = None, system: str | None = Non
     if prompt is not None and not prompt.strip():
         raise UsageError("--prompt is empty.", hint="give the message to answer, or leave out --prompt to chat interactively.")
     resolved = resolve_target(target)
-    device = modeling.device_type()
+    device = loading.device_type()
     what = f"adapter {resolved.path} on {resolved.base}" if resolved.kind == "adapter" else f"model {resolved.path}"
     console.print(f"loading {what} ({device})", highlight=False)
     model, tokenizer = load_for_inference(resolved, device=device)

@@ -39,7 +39,7 @@ def _run(action: Callable[[], T]) -> T:
     """Run a command body: user errors become one message and their exit code; no traceback unless --debug."""
     import logging
 
-    from phi3tune.resources import translate_resource_error
+    from phi3tune.training.resources import translate_resource_error
 
     logging.basicConfig(level=logging.DEBUG if _debug() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
@@ -82,7 +82,7 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan without loading weights."),
 ) -> None:
     """Fine-tune Phi-3 with LoRA/QLoRA as the config says."""
-    from phi3tune.config import load_config
+    from phi3tune.config.load import load_config
 
     def body() -> None:
         cfg = load_config(config, set_, output_dir=output_dir, require_output_dir=not dry_run)
@@ -93,7 +93,7 @@ def train(
 
             print_plan(cfg, console)
             return
-        from phi3tune.resources import oom_guard
+        from phi3tune.training.resources import oom_guard
         from phi3tune.summary import print_train_summary
         from phi3tune.train import run_training
 

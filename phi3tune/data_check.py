@@ -1,6 +1,6 @@
 """``phi3tune data check``: a validation report of the data a config would train on.
 
-It reads every row exactly as training does (``phi3tune.data.read_source``), reports problems with
+It reads every row exactly as training does (``phi3tune.data.prepare.read_source``), reports problems with
 row numbers, rows whose text contains special-token strings (``<|end|>``, ...), a token-length histogram
 against ``max_length`` and the share of trained tokens, and renders a few samples with the trained tokens
 highlighted.
@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from phi3tune.chat_template import IGNORE_INDEX, render_conversations
-from phi3tune.data import SourceData, read_source
-from phi3tune.input_paths import not_a_regular_file
-from phi3tune.special_text import DEFAULT_POLICY, conversation_special_strings
+from phi3tune.model.chat_template import IGNORE_INDEX, render_conversations
+from phi3tune.data.prepare import SourceData, read_source
+from phi3tune.config.paths import not_a_regular_file
+from phi3tune.model.special_text import DEFAULT_POLICY, conversation_special_strings
 
 HIST_BINS = 10
 BAR_WIDTH = 40
@@ -213,9 +213,9 @@ def check_target(target: Path, set_: list[str], console: Console) -> int:
         ConfigError: The config (or an override) is invalid.
         DataError: The target does not exist or its data cannot be read.
     """
-    from phi3tune.config import load_config
+    from phi3tune.config.load import load_config
     from phi3tune.errors import DataError
-    from phi3tune.modeling import load_tokenizer
+    from phi3tune.model.loading import load_tokenizer
 
     target = Path(target)
     why = not_a_regular_file(target)

@@ -1,6 +1,6 @@
 """``phi3tune eval``: loss, perplexity and token accuracy on assistant tokens, plus greedy generations.
 
-The samples are tokenised exactly as for training (``phi3tune.data``: same chat template, same
+The samples are tokenised exactly as for training (``phi3tune.data.prepare``: same chat template, same
 assistant-only labels, same ``max_length`` and overlength policy), from the run's eval split by
 default — ``data.eval`` or the ``eval_fraction`` split rebuilt with the run's seed — or from
 ``--config``'s eval data or a ``--data`` file.
@@ -38,13 +38,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from phi3tune import modeling
-from phi3tune.artefacts import quoted
-from phi3tune.checkpoints import atomic_write_json, atomic_write_text
+from phi3tune.model import loading
+from phi3tune.model.artefacts import quoted
+from phi3tune.training.checkpoints import atomic_write_json, atomic_write_text
 from phi3tune.errors import DataError, UsageError
-from phi3tune.eval_data import apply_eval_overrides, load_eval_dataset
-from phi3tune.run_dir import RUN_CONFIG, Target, load_for_inference, resolve_target
-from phi3tune.run_lock import folder_lock
+from phi3tune.data.evaluation import apply_eval_overrides, load_eval_dataset
+from phi3tune.model.targets import RUN_CONFIG, Target, load_for_inference, resolve_target
+from phi3tune.training.run_lock import folder_lock
 
 IGNORE_INDEX = -100
 BATCH_SIZE = 4
@@ -75,7 +75,7 @@ def score(model, dataset, *, progress: Progress | None = None, label: str = "eva
     for start in range(0, len(dataset), BATCH_SIZE):
         rows = dataset[start : start + BATCH_SIZE]
         width = max(len(ids) for ids in rows["input_ids"])
-        ids = torch.full((len(rows["input_ids"]), width), modeling.PHI3_EOS_ID, dtype=torch.long)
+        ids = torch.full((len(rows["input_ids"]), width), loading.PHI3_EOS_ID, dtype=torch.long)
         labels = torch.full_like(ids, IGNORE_INDEX)
         mask = torch.zeros_like(ids)
         for i, (row_ids, row_labels) in enumerate(zip(rows["input_ids"], rows["labels"])):
@@ -114,7 +114,7 @@ def _split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[in
     start = end
     while start > 0 and labels[start - 1] != IGNORE_INDEX:
         start -= 1
-    reference = [t for t in ids[start:end] if t not in modeling.PHI3_STOP_IDS]
+    reference = [t for t in ids[start:end] if t not in loading.PHI3_STOP_IDS]
     return ids[:start], reference
 
 
@@ -123,8 +123,8 @@ def _greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     device = next(model.parameters()).device
     tensor = torch.tensor([prompt], device=device)
     out = model.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor), do_sample=False,
-                         max_new_tokens=max_new_tokens, eos_token_id=list(modeling.PHI3_STOP_IDS),
-                         pad_token_id=modeling.PHI3_EOS_ID)
+                         max_new_tokens=max_new_tokens, eos_token_id=list(loading.PHI3_STOP_IDS),
+                         pad_token_id=loading.PHI3_EOS_ID)
     return out[0, len(prompt) :].tolist()
 
 
@@ -313,7 +313,7 @@ def run_eval(run_or_adapter: str | Path, *, config: Path | None = None, data: Pa
 
 def _evaluate(target: Target, output: Path, *, config: Path | None, data: Path | None, overrides: list[str],
               max_samples: int | None, compare_base: bool, console: Console) -> None:
-    device = modeling.device_type()
+    device = loading.device_type()
     model, tokenizer = load_for_inference(target, device=device)
     if target.quantization and device != "cuda":
         console.print("[yellow]warning:[/] QLoRA adapter evaluated on the unquantized base (no GPU): "

@@ -50,12 +50,12 @@ from typing import Any, Iterator
 import torch
 from rich.console import Console
 
-from phi3tune import modeling
-from phi3tune.artefacts import MERGE_INCOMPLETE, MERGE_STAGING_SUFFIX, quoted
-from phi3tune.checkpoints import atomic_write_json
+from phi3tune.model import loading
+from phi3tune.model.artefacts import MERGE_INCOMPLETE, MERGE_STAGING_SUFFIX, quoted
+from phi3tune.training.checkpoints import atomic_write_json
 from phi3tune.errors import Phi3TuneError, UsageError
-from phi3tune.run_dir import Target, load_full_model, resolve_target, tokenizer_source
-from phi3tune.run_lock import folder_lock
+from phi3tune.model.targets import Target, load_full_model, resolve_target, tokenizer_source
+from phi3tune.training.run_lock import folder_lock
 
 INCOMPLETE_MARKER = MERGE_INCOMPLETE
 VERIFICATION_FILE = "merge_verification.json"
@@ -105,7 +105,7 @@ def _check_output_dir(output_dir: Path, adapter_path: Path) -> Path:
 
 def verification_inputs(tokenizer) -> list[torch.Tensor]:
     """Token ids (1 x T) of the fixed verification prompts, rendered with the Phi-3 chat template."""
-    from phi3tune.chat_template import render_prompt
+    from phi3tune.model.chat_template import render_prompt
 
     return [torch.tensor([render_prompt(tokenizer, conv)]) for conv in VERIFY_CONVERSATIONS]
 
@@ -133,7 +133,7 @@ def _save(model, tokenizer, out: Path) -> None:
         delattr(model.config, "quantization_config")  # the merged weights are full precision
     model.save_pretrained(out, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
     tokenizer.save_pretrained(out)
-    modeling.phi3_generation_config(model.config).save_pretrained(out)
+    loading.phi3_generation_config(model.config).save_pretrained(out)
 
 
 def _only_safe_files(out: Path) -> list[str]:
@@ -220,12 +220,12 @@ def _merge_into(target: Target, staging: Path, out: Path, *, verify: bool, conso
     from peft import PeftModel
 
     marker = staging / INCOMPLETE_MARKER
-    device = modeling.device_type()
+    device = loading.device_type()
     save_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if target.quantization:
         console.print(f"QLoRA adapter ({target.quantization}): merging into the unquantized base.")
     console.print(f"loading base {target.base} (float32 on {device}) and adapter {target.path}", highlight=False)
-    tokenizer = modeling.load_tokenizer(tokenizer_source(target))
+    tokenizer = loading.load_tokenizer(tokenizer_source(target))
     revision = target.base_revision if not Path(target.base).is_dir() else None
     base = load_full_model(target.base, dtype=torch.float32, device=device, revision=revision)
     model = PeftModel.from_pretrained(base, target.path, is_trainable=False).eval()

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from phi3tune.fastpath import FastPathPlan, estimate, gpu_memory_bytes, max_length_of
 from phi3tune.fastpath.memory import ModelShape, shape_of
-from phi3tune import modeling
+from phi3tune.model import loading
 from phi3tune.training.arguments import build_training_args
 
 GIB = 2**30
@@ -84,14 +84,14 @@ def memory_verdict(cfg: Any, plan: FastPathPlan, card_bytes: float, shape: Model
 
 def print_plan(cfg: Any, console: Console, *, gpu_memory_gib: float | None = None) -> MemoryVerdict:
     """Print model, data, LoRA targets, the fast-path decisions and the estimated peak GPU memory."""
-    here = modeling.device_type()
+    here = loading.device_type()
     visible = gpu_memory_bytes()
     card = gpu_memory_gib * GIB if gpu_memory_gib is not None else (visible or DEFAULT_PLAN_GPU_GIB * GIB)
     planned_for = "the visible GPU" if visible and gpu_memory_gib is None else f"a {card / GIB:g} GiB GPU"
-    dtype = modeling.resolve_dtype(cfg.model.dtype, "cuda", cfg.model.quantization)
-    model_config = modeling.load_model_config(cfg.model)
-    lora = modeling.build_lora_config(cfg.peft_config, modeling.leaf_module_names(model_config))
-    trainable, total = modeling.estimate_lora_parameters(model_config, lora)
+    dtype = loading.resolve_dtype(cfg.model.dtype, "cuda", cfg.model.quantization)
+    model_config = loading.load_model_config(cfg.model)
+    lora = loading.build_lora_config(cfg.peft_config, loading.leaf_module_names(model_config))
+    trainable, total = loading.estimate_lora_parameters(model_config, lora)
     shape = shape_of(model_config, trainable=trainable, total=total)
     plan = build_training_args(cfg, None, "cuda", dtype, gpu_memory=card, shape=shape)
     args = plan.args

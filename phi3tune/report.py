@@ -19,7 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
-from phi3tune.checkpoints import file_mode
+from phi3tune.training.checkpoints import file_mode
 from phi3tune.errors import UsageError
 
 log = logging.getLogger(__name__)

@@ -26,14 +26,14 @@ import torch
 import yaml
 from rich.console import Console
 
-from phi3tune import modeling
+from phi3tune.model import loading
 from phi3tune.errors import ResourceError, TrainingInterrupted, UsageError
 from phi3tune.report import read_metrics, write_report
 from phi3tune.fastpath import apply_patches, resolve_attn_implementation
 from phi3tune.model.kbit import prepare_kbit_model
 from phi3tune.training.arguments import build_training_args
-from phi3tune.callbacks import MetricsFileCallback, ProgressCallback, TrainBeganCallback
-from phi3tune.checkpoints import (
+from phi3tune.training.callbacks import MetricsFileCallback, ProgressCallback, TrainBeganCallback
+from phi3tune.training.checkpoints import (
     CHECKPOINTS_DIR,
     atomic_write_json,
     atomic_write_text,
@@ -41,11 +41,11 @@ from phi3tune.checkpoints import (
     latest_complete_checkpoint,
     resume_changes,
 )
-from phi3tune.integrity import folder_problem
-from phi3tune.resume import ResumePlan, plan_resume
-from phi3tune.run_folder import StagedRunFolder, check_output_dir, leftover_old_runs, write_marker
-from phi3tune.run_lock import folder_lock
-from phi3tune.signals import StopOnSignalCallback, graceful_stop, interrupted_error, stop_at_once
+from phi3tune.training.integrity import folder_problem
+from phi3tune.training.resume import ResumePlan, plan_resume
+from phi3tune.training.run_folder import StagedRunFolder, check_output_dir, leftover_old_runs, write_marker
+from phi3tune.training.run_lock import folder_lock
+from phi3tune.training.signals import StopOnSignalCallback, graceful_stop, interrupted_error, stop_at_once
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def save_adapter(trainer, tokenizer, adapter_dir: Path, base_model_path: str | N
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    modeling.phi3_generation_config(model.config).save_pretrained(staging)
+    loading.phi3_generation_config(model.config).save_pretrained(staging)
     settle_tree(staging)
     if adapter_dir.exists():
         old = adapter_dir.with_name(f".old-{adapter_dir.name}")
@@ -193,13 +193,13 @@ def _ensure_base_model(model, tokenizer, base_dir: Path, console: Console) -> No
         return
     if base_dir.exists():
         console.print(f"[yellow]warning:[/] {base_dir} is incomplete ({problem}); writing it again", highlight=False)
-    modeling.save_base_model(model, tokenizer, base_dir)
+    loading.save_base_model(model, tokenizer, base_dir)
 
 
 def _train_locked(cfg, output_dir: Path, *, resume: bool, overwrite: bool, console: Console) -> TrainSummary:
     from transformers import set_seed
 
-    from phi3tune.data import prepare_datasets
+    from phi3tune.data.prepare import prepare_datasets
 
     started = time.perf_counter()
     from transformers.utils import logging as hf_logging
@@ -220,8 +220,8 @@ def _train_locked(cfg, output_dir: Path, *, resume: bool, overwrite: bool, conso
         return _already_finished(output_dir, plan, console, started)
 
     # 2. Device, dtype, attention, seed.
-    device = modeling.device_type()
-    dtype = modeling.resolve_dtype(cfg.model.dtype, device, cfg.model.quantization)
+    device = loading.device_type()
+    dtype = loading.resolve_dtype(cfg.model.dtype, device, cfg.model.quantization)
     if cfg.model.quantization and device != "cuda":
         raise ResourceError(
             f"model.quantization: {cfg.model.quantization} (QLoRA) needs a CUDA GPU and none is visible.",
@@ -232,9 +232,9 @@ def _train_locked(cfg, output_dir: Path, *, resume: bool, overwrite: bool, conso
     set_seed(seed)
 
     # 3. Tokenizer and LoRA targets, checked against the real module names before any weights load.
-    tokenizer = modeling.load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.token)
-    model_config = modeling.load_model_config(cfg.model)
-    lora_config = modeling.build_lora_config(cfg.peft_config, modeling.leaf_module_names(model_config))
+    tokenizer = loading.load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.token)
+    model_config = loading.load_model_config(cfg.model)
+    lora_config = loading.build_lora_config(cfg.peft_config, loading.leaf_module_names(model_config))
 
     # 4. Data: validated, rendered with the Phi-3 template, assistant-only labels.
     fast_path = build_training_args(cfg, output_dir, device, dtype)
@@ -249,7 +249,7 @@ def _train_locked(cfg, output_dir: Path, *, resume: bool, overwrite: bool, conso
     console.print(f"model {cfg.model.name_or_path} on {device}, {str(dtype).replace('torch.', '')}, attention {attn}")
     for note in speed_notes:
         console.print(note)
-    model = modeling.load_model(cfg.model, dtype=dtype, attn_implementation=attn, device=device, seed=seed)
+    model = loading.load_model(cfg.model, dtype=dtype, attn_implementation=attn, device=device, seed=seed)
 
     # 6. The run folder: a new run's is staged (an --overwrite's old run moved aside) until trl has accepted
     #    the settings and training begins; any failure before that puts everything back as it was.
@@ -282,7 +282,7 @@ def _start_training(cfg, output_dir: Path, plan: ResumePlan | None, staged: Stag
     from transformers import PrinterCallback
     from trl import SFTConfig
 
-    from phi3tune.trainer import Phi3Trainer
+    from phi3tune.training.trainer import Phi3Trainer
 
     resume_from = None
     if plan is not None:

@@ -81,10 +81,10 @@ def synthetic_chats(n: int, seed: int, tokenizer, mean: float = 800.0, sigma: fl
 
 
 def tokenise(jsonl: Path, tokenizer, max_length: int):
-    """The recipe's own data path: phi3tune.data.prepare_datasets."""
+    """The recipe's own data path: phi3tune.data.prepare.prepare_datasets."""
     from types import SimpleNamespace
 
-    from phi3tune.data import prepare_datasets
+    from phi3tune.data.prepare import prepare_datasets
 
     src = SimpleNamespace(path=str(jsonl), hub=None, split=None, name=None, revision=None, subset=None)
     cfg = SimpleNamespace(train=src, eval=None, eval_fraction=None, format="auto", system_prompt=None,
@@ -366,7 +366,7 @@ def _dry_run_estimate(config: Path, sets: list[str], device: str) -> dict:
     import torch
     from rich.console import Console
 
-    from phi3tune.config import load_config
+    from phi3tune.config.load import load_config
     from phi3tune.plan import print_plan
 
     cfg = load_config(config, sets, output_dir=None, require_output_dir=False)

@@ -20,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _direct_reply(trained_run: Path, prompt: str, max_new_tokens: int) -> str:
     from phi3tune.chat import generate_reply
-    from phi3tune.run_dir import load_for_inference, resolve_target
+    from phi3tune.model.targets import load_for_inference, resolve_target
 
     model, tokenizer = load_for_inference(resolve_target(trained_run), device="cpu")
     return generate_reply(model, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens)
@@ -46,7 +46,7 @@ def test_interactive_chat_is_multi_turn_and_resets(trained_run: Path) -> None:
     from rich.console import Console
 
     from phi3tune.chat import chat_loop
-    from phi3tune.run_dir import load_for_inference, resolve_target
+    from phi3tune.model.targets import load_for_inference, resolve_target
 
     model, tokenizer = load_for_inference(resolve_target(trained_run / "base_model"), device="cpu")
     seen: list[int] = []

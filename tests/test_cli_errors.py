@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_CONFIG, needs_hf_home, run_cli
-from robust_runs import SAMPLE, cli
+from helpers import SAMPLE, cli
 
 pytestmark = [needs_hf_home, pytest.mark.slow]
 

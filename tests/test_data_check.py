@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from rich.console import Console
 
 from conftest import REPO_ROOT
-from phi3tune.chat_template import render_conversation
+from phi3tune.model.chat_template import render_conversation
 from phi3tune.data_check import _render_sample, run_data_check
 
 SAMPLE = REPO_ROOT / "phi3tune" / "sample_data" / "sample_chat.jsonl"

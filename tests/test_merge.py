@@ -34,7 +34,7 @@ def merged_dir(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def _logits(model, tokenizer, conversation) -> torch.Tensor:
-    from phi3tune.chat_template import render_prompt
+    from phi3tune.model.chat_template import render_prompt
 
     with torch.no_grad():
         return model(input_ids=torch.tensor([render_prompt(tokenizer, conversation)])).logits
@@ -111,7 +111,7 @@ def test_non_empty_output_is_refused(trained_run: Path, tmp_path: Path) -> None:
 
 def test_pickle_adapter_refused_unless_allowed(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
     from phi3tune.errors import UsageError
-    from phi3tune.run_dir import resolve_target
+    from phi3tune.model.targets import resolve_target
 
     adapter = tmp_path / "adapter"
     shutil.copytree(trained_run / "adapter", adapter)
@@ -125,7 +125,7 @@ def test_pickle_adapter_refused_unless_allowed(trained_run: Path, tmp_path: Path
 
 
 def test_moved_run_finds_its_own_base_model(trained_run: Path, tmp_path: Path) -> None:
-    from phi3tune.run_dir import resolve_target
+    from phi3tune.model.targets import resolve_target
 
     run = tmp_path / "moved"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints"))
