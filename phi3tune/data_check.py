@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from phi3tune.model.chat_template import IGNORE_INDEX, render_conversations
+from phi3tune.config.schema import max_length_of
 from phi3tune.data.prepare import SourceData, read_source
 from phi3tune.config.paths import not_a_regular_file
 from phi3tune.model.special_text import DEFAULT_POLICY, conversation_special_strings
@@ -188,15 +189,6 @@ def run_data_check(target: Path, tokenizer: Any, data_cfg: Any, max_length: int,
     return 2 if fatal else 0
 
 
-def _trainer_default_max_length() -> int:
-    """trl's SFTConfig default (1024 in trl 1.16): what a config without training_config.max_length trains with."""
-    import dataclasses
-
-    from trl import SFTConfig
-
-    return next(int(f.default) for f in dataclasses.fields(SFTConfig) if f.name == "max_length")
-
-
 def check_target(target: Path, set_: list[str], console: Console) -> int:
     """``phi3tune data check TARGET``: the report for a config's data, or for a bare data file.
 
@@ -228,6 +220,6 @@ def check_target(target: Path, set_: list[str], console: Console) -> int:
         cfg = load_config(None, [f"data.train.path={json.dumps(str(target.resolve()))}", *set_])
     for warning in cfg.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    max_length = int(cfg.training_config.get("max_length") or _trainer_default_max_length())
+    max_length = max_length_of(cfg.training_config)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.token)
     return run_data_check(target, tokenizer, cfg.data, max_length, console)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import needs_hf_home
 from phi3tune.cli import app
-from phi3tune.report import read_metrics
+from phi3tune.training.metrics import read_metrics
 
 runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
