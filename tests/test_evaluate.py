@@ -7,18 +7,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from conftest import needs_hf_home
-from phi3tune.cli import app
+from helpers import cli
 
 pytestmark = [needs_hf_home, pytest.mark.slow]
-runner = CliRunner()
 
 
 def _eval(*args: str):
-    result = runner.invoke(app, ["eval", *map(str, args)])
-    return result
+    return cli(["eval", *map(str, args)])
 
 
 @pytest.fixture(scope="module")
