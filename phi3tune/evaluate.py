@@ -11,7 +11,7 @@ samples differ in length). With ``--compare-base`` the same model is run with it
 on the same samples.
 
 Output: ``eval_metrics.json`` (default: in the run dir). Its top-level keys stay the schema of
-DESIGN.md §3 (eval_loss, perplexity, token_accuracy, n_samples, n_tokens) for the adapter, so tools
+README's output layout (eval_loss, perplexity, token_accuracy, n_samples, n_tokens) for the adapter, so tools
 reading the training-time file keep working; ``adapter``/``base``/``difference`` sections are added,
 and a training-time file that was there is kept under ``training_eval`` rather than overwritten.
 ``eval_generations.jsonl`` beside it holds prompt / reference / answer (and base_answer).

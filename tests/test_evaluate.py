@@ -35,7 +35,7 @@ def test_compare_base_shows_the_adapter_beats_the_base(compared: tuple[Path, str
     assert diff["eval_loss"] == pytest.approx(adapter["eval_loss"] - base["eval_loss"])
     assert adapter["n_samples"] == base["n_samples"] == 8
     assert adapter["n_tokens"] == base["n_tokens"] > 0
-    # The top level keeps DESIGN.md §3's flat schema (the adapter's numbers).
+    # The top level keeps the training-time flat schema (the adapter's numbers).
     for key in ("eval_loss", "perplexity", "token_accuracy", "n_samples", "n_tokens"):
         assert metrics[key] == adapter[key]
     assert "base" in output and "difference" in output

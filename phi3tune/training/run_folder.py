@@ -152,7 +152,7 @@ def check_output_dir(
     config_path: Path | None = None,
     data_paths: Iterable[Path] = (),
 ) -> Path:
-    """Validate the run's output directory according to DESIGN.md §3, touching nothing.
+    """Validate the run's output directory by the rules in README ("A run's output directory"), touching nothing.
 
     Refuses the current directory, the home directory, the config's own directory and a file; a non-empty
     directory needs ``resume`` or ``overwrite``, and both act only on a phi3tune run folder. ``overwrite``
