@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from phi3tune.data.validate import (
@@ -43,7 +42,7 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _parsed(value: Any) -> Any:
+def parsed(value: Any) -> Any:
     """A JSON list/object stored as a string (CSV/Parquet exports) as the value it holds; else unchanged."""
     if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
         try:
@@ -59,7 +58,7 @@ def function_schemas(tools: Any) -> list | RowProblem | None:
     Returns:
         The list of schema objects, None when there are none, or a ``RowProblem`` saying what is wrong.
     """
-    tools = _parsed(tools)
+    tools = parsed(tools)
     if tools in (None, "", [], {}) or (isinstance(tools, str) and not tools.strip()):
         return None
     if not isinstance(tools, list):
@@ -85,7 +84,7 @@ def tools_text(tools: Any) -> str | RowProblem | None:
     """:func:`schemas_text`, but a string (ShareGPT exports store the schemas as one) is kept as written:
     re-serialising it would change the tokens of data phi3tune already trained on. ``"[]"`` means none."""
     if isinstance(tools, str):
-        return TOOLS_HEADER + tools if tools.strip() and _parsed(tools) not in ([], {}) else None
+        return TOOLS_HEADER + tools if tools.strip() and parsed(tools) not in ([], {}) else None
     return schemas_text(tools)
 
 
@@ -165,7 +164,7 @@ def openai_messages(row: dict) -> list | RowProblem | None:
     missing content) is carried through for validation; tool structure that cannot be rendered is
     returned as a ``RowProblem`` naming the message (1-based, as in the file).
     """
-    turns = _parsed(row.get("messages"))
+    turns = parsed(row.get("messages"))
     if not isinstance(turns, list):
         return None
     tools = row.get("tools") if row.get("tools") not in (None, "", []) else row.get("functions")
@@ -221,50 +220,6 @@ def openai_messages(row: dict) -> list | RowProblem | None:
         out.append(turn)
     attach_tools(out, announced)
     return out
-
-
-@dataclass
-class ToolUsage:
-    """What one row holds of tool use: rows with tools, calls, results and weighted-out turns."""
-
-    rows_with_tools: int = 0
-    calls: int = 0
-    results: int = 0
-    weighted_out: int = 0
-
-    def add(self, other: ToolUsage) -> None:
-        """Sum ``other`` into this one."""
-        for key in vars(self):
-            setattr(self, key, getattr(self, key) + getattr(other, key))
-
-    def any(self) -> bool:
-        """Whether anything here is non-zero."""
-        return any(vars(self).values())
-
-
-def tool_usage(row: Any, fmt: str) -> ToolUsage:
-    """Count the tool use of one raw row of format ``fmt`` (``messages`` or ``sharegpt``; others have none)."""
-    usage = ToolUsage()
-    if not isinstance(row, dict) or fmt not in ("messages", "sharegpt"):
-        return usage
-    tools = row.get("tools") or (row.get("functions") if fmt == "messages" else None)
-    usage.rows_with_tools = int(isinstance(tools_text(tools), str))
-    turns = _parsed(row.get("conversations", row.get("messages")) if fmt == "sharegpt" else row.get("messages"))
-    for m in turns if isinstance(turns, list) else []:
-        if not isinstance(m, dict):
-            continue
-        if fmt == "sharegpt":
-            source = m.get("from", m.get("role"))
-            if source == "function_call":
-                value = _parsed(m.get("value", m.get("content")))
-                usage.calls += len(value) if isinstance(value, list) else 1
-            usage.results += source in ("observation", "tool", "function")
-            continue
-        calls = m.get("tool_calls")
-        usage.calls += len(calls) if isinstance(calls, list) else int(bool(m.get("function_call")))
-        usage.results += m.get("role") in RESULT_ROLES
-        usage.weighted_out += m.get("role") == "assistant" and m.get("weight") == 0
-    return usage
 
 
 def to_phi3_messages(messages: Sequence[dict], tools: Any = None) -> list[dict]:
