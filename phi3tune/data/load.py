@@ -84,7 +84,7 @@ def _read_jsonl(path: Path) -> LoadedRows:
             if not line.strip():
                 continue  # blank lines (often a trailing one) are not rows
             try:
-                rows.append(json.loads(line))
+                rows.append(json.loads(line.rstrip("\r\n")))  # a newline would read as "control character"
             except json.JSONDecodeError as e:
                 rows.append(RowProblem(INVALID_JSON, f"not valid JSON ({e.msg}, column {e.colno})"))
                 broken += 1
