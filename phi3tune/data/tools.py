@@ -61,6 +61,8 @@ def function_schemas(tools: Any) -> list | RowProblem | None:
     tools = parsed(tools)
     if tools in (None, "", [], {}) or (isinstance(tools, str) and not tools.strip()):
         return None
+    if isinstance(tools, dict):
+        tools = [tools]  # one tool written without its list
     if not isinstance(tools, list):
         return RowProblem(MALFORMED_TOOLS, f"tools is {type(tools).__name__}, not a list of function schemas")
     out = []
