@@ -145,11 +145,13 @@ def chat(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One-shot: answer this and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    tools: Optional[Path] = typer.Option(None, "--tools", help="JSON file of function schemas, announced as in training."),
 ) -> None:
     """Talk to a fine-tuned model (streaming, stops at <|end|>)."""
     from phi3tune.chat import run_chat
 
-    _run(lambda: run_chat(target, prompt=prompt, system=system, max_new_tokens=max_new_tokens, console=console))
+    _run(lambda: run_chat(target, prompt=prompt, system=system, max_new_tokens=max_new_tokens, console=console,
+                          tools=tools))
 
 
 @app.command()
