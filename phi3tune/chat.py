@@ -7,6 +7,7 @@ go to the console (stderr). Generation is greedy and stops at ``<|end|>`` or ``<
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable, TextIO
 
 import torch
@@ -14,6 +15,7 @@ from rich.console import Console
 
 from phi3tune.model import loading
 from phi3tune.errors import UsageError
+from phi3tune.model.onnx_runtime import is_onnx_folder, load_genai
 from phi3tune.model.targets import load_for_inference, resolve_target
 
 EXIT_WORDS = {"/exit", "/quit", "exit", "quit"}
@@ -131,7 +133,7 @@ def run_chat(target: str, *, prompt: str | None = None, system: str | None = Non
     """``phi3tune chat``: answer ``prompt`` once, or start an interactive session.
 
     Args:
-        target: A run dir, adapter dir, merged model dir or hub id.
+        target: A run dir, adapter dir, merged model dir, ONNX GenAI export dir or hub id.
         prompt: One-shot user message; None starts the interactive loop on stdin.
         system: Optional system prompt.
         max_new_tokens: Generation limit per answer.
@@ -143,11 +145,15 @@ def run_chat(target: str, *, prompt: str | None = None, system: str | None = Non
     console = console or Console(stderr=True)
     if prompt is not None and not prompt.strip():
         raise UsageError("--prompt is empty.", hint="give the message to answer, or leave out --prompt to chat interactively.")
-    resolved = resolve_target(target)
-    device = loading.device_type()
-    what = f"adapter {resolved.path} on {resolved.base}" if resolved.kind == "adapter" else f"model {resolved.path}"
-    console.print(f"loading {what} ({device})", highlight=False)
-    model, tokenizer = load_for_inference(resolved, device=device)
+    if is_onnx_folder(Path(target).expanduser()):  # an `export onnx` folder: onnxruntime-genai answers
+        console.print(f"loading ONNX export {target} (onnxruntime-genai)", highlight=False)
+        model, tokenizer = load_genai(Path(target).expanduser()), loading.load_tokenizer(str(Path(target).expanduser()))
+    else:
+        resolved = resolve_target(target)
+        device = loading.device_type()
+        what = f"adapter {resolved.path} on {resolved.base}" if resolved.kind == "adapter" else f"model {resolved.path}"
+        console.print(f"loading {what} ({device})", highlight=False)
+        model, tokenizer = load_for_inference(resolved, device=device)
     if prompt is not None:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, out=sys.stdout)
