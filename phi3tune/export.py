@@ -39,7 +39,13 @@ from phi3tune.errors import Phi3TuneError, UsageError
 from phi3tune.model import loading, onnx_export, onnx_verify, staged_output
 from phi3tune.model.artefacts import quoted
 from phi3tune.model.chat_template import render_prompt
-from phi3tune.model.onnx_runtime import EXPORT_INCOMPLETE, EXPORT_STAGING_SUFFIX, load_genai, require_onnx_extra
+from phi3tune.model.onnx_runtime import (
+    EXPORT_INCOMPLETE,
+    EXPORT_STAGING_SUFFIX,
+    is_onnx_folder,
+    load_genai,
+    require_onnx_extra,
+)
 from phi3tune.model.targets import Target, load_full_model, resolve_target
 from phi3tune.training.checkpoints import atomic_write_json
 from phi3tune.training.run_lock import folder_lock
@@ -80,7 +86,12 @@ def export_onnx(source: str | Path, output_dir: Path, *, precision: str | None =
         raise UsageError("verifying a --device cuda export needs onnxruntime-genai's CUDA build and a GPU.",
                          hint="run the export on a GPU machine with onnxruntime-genai-cuda installed, "
                          "or pass --no-verify to build it here unchecked.")
+    if is_onnx_folder(Path(source).expanduser()):
+        raise UsageError(f"{source} is already an ONNX export.",
+                         hint="give the run, adapter or merged model folder it was exported from.")
     target = resolve_target(source, allow_hub=False)
+    if target.kind == "model":
+        onnx_export.check_phi3_folder(Path(target.path))
     out = _check_output(Path(output_dir), target)
     with folder_lock(out, "export"):
         out = _check_output(out, target)  # again, now that no other export can write it
@@ -117,7 +128,7 @@ def _export_into(source: str | Path, target: Target, staging: Path, out: Path, *
         result["merge"] = json.loads((model_dir / merge.VERIFICATION_FILE).read_text(encoding="utf-8"))
     else:
         model_dir = Path(target.path)
-    onnx_export.check_phi3_folder(model_dir)
+    onnx_export.check_phi3_folder(model_dir)  # an adapter's base is known to be Phi-3 only once merged
 
     console.print(f"building the {precision} ONNX model for {device} with onnxruntime-genai {og.__version__}")
     build_started = time.perf_counter()
