@@ -20,6 +20,7 @@ from phi3tune.data.tools import function_schemas, to_phi3_messages
 from phi3tune.data.validate import RowProblem
 from phi3tune.errors import UsageError
 from phi3tune.model import loading
+from phi3tune.model.onnx_runtime import is_onnx_folder, load_genai
 from phi3tune.model.targets import load_for_inference, resolve_target
 
 EXIT_WORDS = {"/exit", "/quit", "exit", "quit"}
@@ -170,7 +171,7 @@ def run_chat(target: str, *, prompt: str | None = None, system: str | None = Non
     """``phi3tune chat``: answer ``prompt`` once, or start an interactive session.
 
     Args:
-        target: A run dir, adapter dir, merged model dir or hub id.
+        target: A run dir, adapter dir, merged model dir, ONNX GenAI export dir or hub id.
         prompt: One-shot user message; None starts the interactive loop on stdin.
         system: Optional system prompt.
         max_new_tokens: Generation limit per answer.
@@ -185,11 +186,15 @@ def run_chat(target: str, *, prompt: str | None = None, system: str | None = Non
     if prompt is not None and not prompt.strip():
         raise UsageError("--prompt is empty.", hint="give the message to answer, or leave out --prompt to chat interactively.")
     system = system_with_tools(system, read_tools_file(tools) if tools is not None else None)
-    resolved = resolve_target(target)
-    device = loading.device_type()
-    what = f"adapter {resolved.path} on {resolved.base}" if resolved.kind == "adapter" else f"model {resolved.path}"
-    console.print(f"loading {what} ({device})", highlight=False)
-    model, tokenizer = load_for_inference(resolved, device=device)
+    if is_onnx_folder(Path(target).expanduser()):  # an `export onnx` folder: onnxruntime-genai answers
+        console.print(f"loading ONNX export {target} (onnxruntime-genai)", highlight=False)
+        model, tokenizer = load_genai(Path(target).expanduser()), loading.load_tokenizer(str(Path(target).expanduser()))
+    else:
+        resolved = resolve_target(target)
+        device = loading.device_type()
+        what = f"adapter {resolved.path} on {resolved.base}" if resolved.kind == "adapter" else f"model {resolved.path}"
+        console.print(f"loading {what} ({device})", highlight=False)
+        model, tokenizer = load_for_inference(resolved, device=device)
     if prompt is not None:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, out=sys.stdout)

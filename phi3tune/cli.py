@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from phi3tune.errors import Phi3TuneError
 
@@ -19,6 +20,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate training data.")
 app.add_typer(data_app, name="data")
+export_app = typer.Typer(no_args_is_help=True, help="Export a fine-tune for other runtimes.")
+app.add_typer(export_app, name="export")
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -29,9 +32,10 @@ def _debug() -> bool:
 
 
 def _fail(exc: Phi3TuneError) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+    # Messages are plain text: escaped, so "pip install 'phi3tune[onnx]'" is not read as rich markup.
+    console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
     if exc.hint:
-        console.print(f"[yellow]hint:[/] {exc.hint}", highlight=False)
+        console.print(f"[yellow]hint:[/] {escape(exc.hint)}", highlight=False)
     return typer.Exit(exc.exit_code)
 
 
@@ -139,9 +143,23 @@ def merge_adapter(
     _run(lambda: merge_and_save(adapter_dir, output_dir, verify=verify, console=console))
 
 
+@export_app.command("onnx")
+def export_onnx(
+    source: Path = typer.Argument(..., help="A run dir, an adapter dir or a merged model dir."),
+    output_dir: Path = typer.Argument(..., help="Where to write the ONNX Runtime GenAI folder (new or empty)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="int4|fp16|bf16|fp32 (default: int4 on cpu, fp16 on cuda)."),
+    device: str = typer.Option("cpu", "--device", help="cpu|cuda: the execution provider to build for."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare the export's greedy tokens with the merged model's."),
+) -> None:
+    """Export to ONNX Runtime GenAI (int4 CPU, fp16 GPU), verified against the merged model. Needs phi3tune[onnx]."""
+    from phi3tune.export import export_onnx as run_export
+
+    _run(lambda: run_export(source, output_dir, precision=precision, device=device, verify=verify, console=console))
+
+
 @app.command()
 def chat(
-    target: str = typer.Argument(..., help="A run dir, an adapter dir, a merged model dir or a hub id."),
+    target: str = typer.Argument(..., help="A run dir, an adapter dir, a merged model dir, an ONNX export or a hub id."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One-shot: answer this and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),

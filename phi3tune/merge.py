@@ -40,7 +40,6 @@ price of bf16 weights, the same for any bf16 export.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -50,10 +49,10 @@ from typing import Any, Iterator
 import torch
 from rich.console import Console
 
-from phi3tune.model import loading
+from phi3tune.model import loading, staged_output
 from phi3tune.model.artefacts import MERGE_INCOMPLETE, MERGE_STAGING_SUFFIX, quoted
 from phi3tune.training.atomic import atomic_write_json, settle_tree
-from phi3tune.errors import Phi3TuneError, UsageError
+from phi3tune.errors import Phi3TuneError
 from phi3tune.model.targets import Target, load_full_model, resolve_target, tokenizer_source
 from phi3tune.training.run_lock import folder_lock
 
@@ -93,14 +92,7 @@ def _exact_float32() -> Iterator[None]:
 
 
 def _check_output_dir(output_dir: Path, adapter_path: Path) -> Path:
-    out = output_dir.expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} is a file.", hint="choose a new folder for the merged model.")
-    if out.is_dir() and any(out.iterdir()):
-        raise UsageError(f"output directory {out} is not empty.", hint="choose a new or empty folder.")
-    if out == adapter_path.resolve() or adapter_path.resolve() in out.parents:
-        raise UsageError("the merged model cannot be written inside the adapter folder.")
-    return out
+    return staged_output.check_new_output(output_dir, adapter_path, what="merged model", source_role="adapter")
 
 
 def verification_inputs(tokenizer) -> list[torch.Tensor]:
@@ -144,36 +136,17 @@ def _only_safe_files(out: Path) -> list[str]:
 
 def staging_dir(out: Path) -> Path:
     """The hidden folder beside ``out`` that a merge writes into before renaming it to ``out``."""
-    return out.with_name(f".{out.name}{MERGE_STAGING_SUFFIX}")
+    return staged_output.staging_dir(out, MERGE_STAGING_SUFFIX)
 
 
 def _fresh_staging(out: Path, console: Console) -> Path:
     """An empty staging folder for ``out``; one left by a killed or failed merge (ours: marked) is removed."""
-    staging = staging_dir(out)
-    if staging.exists():
-        if not (staging.is_dir() and ((staging / INCOMPLETE_MARKER).is_file() or not any(staging.iterdir()))):
-            raise UsageError(f"{staging} exists and was not made by phi3tune merge-adapter; it is left alone.",
-                             hint="move it away, or choose another output folder.")
-        console.print(f"[yellow]removing {staging}, left by an earlier merge that did not finish", highlight=False)
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    (staging / INCOMPLETE_MARKER).write_text(
-        "phi3tune merge-adapter started; this folder is not a usable model until this file is gone.\n")
-    return staging
+    return staged_output.fresh_staging(out, suffix=MERGE_STAGING_SUFFIX, marker=INCOMPLETE_MARKER,
+                                       command="merge-adapter", console=console)
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Rename the verified staging folder to ``out`` (an absent or still-empty folder)."""
-    try:
-        os.rename(staging, out)
-    except OSError as exc:
-        raise UsageError(
-            f"could not move the merged model into {out} ({exc.strerror}): something was written there meanwhile.",
-            hint=f"the verified merged model is in {quoted(staging)}; move it where you want it.",
-        ) from exc
-
-
-def merge_and_save(adapter_dir: Path, output_dir: Path, *, verify: bool = True, console: Console | None = None) -> None:
+def merge_and_save(adapter_dir: Path, output_dir: Path, *, verify: bool = True, console: Console | None = None,
+                   save_dtype: torch.dtype | None = None) -> None:
     """Merge an adapter into its base, save it to ``output_dir`` and (by default) verify the result.
 
     Args:
@@ -181,6 +154,7 @@ def merge_and_save(adapter_dir: Path, output_dir: Path, *, verify: bool = True, 
         output_dir: A new or empty folder for the merged model.
         verify: Check merged logits against base + adapter and the saved files (module docstring).
         console: Where progress and results are printed.
+        save_dtype: The saved weights' dtype; None: bf16 on GPU, fp32 on CPU (``export onnx`` asks for fp32).
 
     Raises:
         UsageError: Bad adapter path, non-empty output dir, or another merge writing it (exit 2).
@@ -195,24 +169,26 @@ def merge_and_save(adapter_dir: Path, output_dir: Path, *, verify: bool = True, 
         out = _check_output_dir(out, Path(target.path))  # again, now that no other merge can write it
         staging = _fresh_staging(out, console)
         try:
-            seconds = _merge_into(target, staging, out, verify=verify, console=console, started=started)
+            seconds = _merge_into(target, staging, out, verify=verify, console=console, started=started,
+                                  save_dtype=save_dtype)
         except MergeVerificationError:
             raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # a partial model is of no use to anyone
             raise
-        _publish(staging, out)
+        staged_output.publish(staging, out, what="merged model")
     console.print(f"[green]merged model {'verified' if verify else 'written'}[/] in {seconds:.1f}s: {out}",
                   highlight=False)
 
 
-def _merge_into(target: Target, staging: Path, out: Path, *, verify: bool, console: Console, started: float) -> float:
+def _merge_into(target: Target, staging: Path, out: Path, *, verify: bool, console: Console, started: float,
+                save_dtype: torch.dtype | None = None) -> float:
     """Load, merge, verify and save into ``staging``; returns the seconds taken. ``out`` is for messages."""
     from peft import PeftModel
 
     marker = staging / INCOMPLETE_MARKER
     device = loading.device_type()
-    save_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    save_dtype = save_dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     if target.quantization:
         console.print(f"QLoRA adapter ({target.quantization}): merging into the unquantized base.")
     console.print(f"loading base {target.base} (float32 on {device}) and adapter {target.path}", highlight=False)

@@ -12,6 +12,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build onto a CPU machine.
   .venv/bin/python -m pip install -q -c constraints.txt torch
-  .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+  # the onnx extra too: tests/test_export.py runs `export onnx` on the tiny model
+  .venv/bin/python -m pip install -q -c constraints.txt -e '.[test,onnx]'
   echo "$want" > "$stamp"
 fi
