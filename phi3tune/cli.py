@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from phi3tune.errors import Phi3TuneError
 
@@ -29,9 +30,10 @@ def _debug() -> bool:
 
 
 def _fail(exc: Phi3TuneError) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+    # Messages are plain text: `pip install 'phi3tune[harness]'` must not be read as rich markup.
+    console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
     if exc.hint:
-        console.print(f"[yellow]hint:[/] {exc.hint}", highlight=False)
+        console.print(f"[yellow]hint:[/] {escape(exc.hint)}", highlight=False)
     return typer.Exit(exc.exit_code)
 
 

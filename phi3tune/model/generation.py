@@ -95,32 +95,34 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 def _compute_dtype(model) -> torch.dtype:
-    dtypes = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
-    return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+    # The embedding's dtype is the activations' (and so the KV cache's), for a 4-bit base too, whose packed
+    # weights are uint8 and whose LoRA weights may be float32.
+    return model.get_input_embeddings().weight.dtype
+
+
+def batch_for_memory(config, dtype: torch.dtype, prompt_lengths: Sequence[int], max_new_tokens: int,
+                     free_bytes: int) -> int:
+    """The largest batch whose KV cache and prefill activations fit in ``MEMORY_SHARE`` of ``free_bytes`` (capped)."""
+    elem = torch.finfo(dtype).bits // 8
+    longest_prompt = max(prompt_lengths)
+    # Prefill keeps the MLP's gate/up output, its activation and a few hidden-size tensors per token.
+    prefill = (3 * config.intermediate_size + 6 * config.hidden_size) * elem * longest_prompt
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":  # eager materialises the score matrix
+        prefill += config.num_attention_heads * longest_prompt**2 * 4
+    per_sequence = kv_bytes_per_token(config, dtype) * (longest_prompt + max_new_tokens) + prefill
+    fits = int(free_bytes * MEMORY_SHARE) // max(1, per_sequence)
+    return max(1, min(len(prompt_lengths), MAX_AUTO_BATCH, fits))
 
 
 def auto_batch_size(model, prompt_lengths: Sequence[int], max_new_tokens: int) -> int:
-    """The largest batch whose KV cache and prefill activations fit in free GPU memory (capped).
-
-    On a CPU there is no allocator to ask; a fixed modest batch is used.
-    """
-    n = len(prompt_lengths)
-    if n == 0:
+    """``batch_for_memory`` with the GPU's free memory after loading; on a CPU (no allocator to ask) a fixed batch."""
+    if not prompt_lengths:
         return 1
     device = next(model.parameters()).device
     if device.type != "cuda":
-        return max(1, min(n, CPU_AUTO_BATCH))
-    config = model.config
-    elem = torch.finfo(_compute_dtype(model)).bits // 8
-    longest = max(prompt_lengths) + max_new_tokens
-    # Prefill keeps the MLP's gate/up output, its activation and a few hidden-size tensors per token.
-    prefill = (3 * config.intermediate_size + 6 * config.hidden_size) * elem * max(prompt_lengths)
-    if getattr(config, "_attn_implementation", "sdpa") == "eager":  # eager materialises the score matrix
-        prefill += config.num_attention_heads * max(prompt_lengths) ** 2 * 4
-    per_sequence = kv_bytes_per_token(config, _compute_dtype(model)) * longest + prefill
+        return max(1, min(len(prompt_lengths), CPU_AUTO_BATCH))
     free, _ = torch.cuda.mem_get_info(device)
-    fits = int(free * MEMORY_SHARE) // max(1, per_sequence)
-    return max(1, min(n, MAX_AUTO_BATCH, fits))
+    return batch_for_memory(model.config, _compute_dtype(model), prompt_lengths, max_new_tokens, free)
 
 
 def _quantized(model) -> bool:
@@ -226,7 +228,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, ba
             torch.cuda.empty_cache()
             if advance is not None:
                 advance(-step * min(ticks[0], max_new_tokens))
-            size = max(1, size // 2)
+            size = max(1, len(chunk) // 2)
             chosen = size
             continue
         if advance is not None:
