@@ -106,4 +106,6 @@ def test_tasks_errors_exit_2_before_loading(trained_run: Path, tmp_path: Path) -
     bad.write_text("dataset_path: json\n")
     result = cli(["eval", str(trained_run), "--tasks", str(bad), "--output", str(tmp_path / "b.json")])
     assert result.exit_code == 2 and "no `task:` name" in result.output, result.output
-    assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
+    result = cli(["eval", str(trained_run), "--tasks", "no_such_task_zz", "--output", str(tmp_path / "c.json")])
+    assert result.exit_code == 2 and "no task or group named 'no_such_task_zz'" in result.output, result.output
+    assert not any((tmp_path / name).exists() for name in ("a.json", "b.json", "c.json"))

@@ -5,7 +5,8 @@ One sample at a time, a decode step costs the same GPU time whether it carries o
 length, left-padded into batches (pad = ``<|endoftext|>``, attention mask 0) and decoded together with
 transformers' KV cache; each sequence stops at ``<|end|>`` / ``<|endoftext|>`` and finished rows only
 carry padding until the batch's last one stops. Left padding with a mask does not change a greedy answer
-(tests/model/test_generation_eval.py checks batched == one-by-one, token for token).
+(tests/model/test_batched_generation.py checks batched == one-by-one, token for token, in float32; in bf16
+other batch shapes round differently, so a near-tie can rarely flip).
 
 The batch size comes from free GPU memory after loading (KV cache per token from the model's config,
 plus the prefill's activations), or ``--batch-size N``; an out-of-memory batch is halved and retried.
