@@ -235,6 +235,9 @@ def _evaluate(target: Target, output: Path, *, config: Path | None, data: Path |
                 result["difference"] = difference(adapter_metrics, result["base"], METRIC_KEYS)
             assistant_id = tokenizer.convert_tokens_to_ids("<|assistant|>")
             prompts = prompts_of(dataset, assistant_id, limit=None if options.generate else N_PREVIEW)
+            if options.generate and not prompts.prompts:
+                raise UsageError(f"--generate: no sample in {source} has an assistant turn left to answer.",
+                                 hint="samples cut off by max_length lose it: --set training_config.max_length=N")
             # The preview's budget: twice the longest reference (plus slack) shows whether answers stop.
             budget = options.max_new_tokens if options.generate else min(
                 PREVIEW_MAX_TOKENS, 2 * max((len(r) for r in prompts.references), default=0) + 32)
