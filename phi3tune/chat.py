@@ -2,18 +2,24 @@
 
 Answers go to stdout (so ``phi3tune chat RUN --prompt ... > answer.txt`` works); prompts and status
 go to the console (stderr). Generation is greedy and stops at ``<|end|>`` or ``<|endoftext|>``.
+``--tools tools.json`` announces function schemas in the system turn exactly as training rendered them
+(``phi3tune.data.tools``), so a model fine-tuned on tool calls answers with a call in the format it learned.
 """
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import Callable, TextIO
+from pathlib import Path
+from typing import Any, Callable, TextIO
 
 import torch
 from rich.console import Console
 
-from phi3tune.model import loading
+from phi3tune.data.tools import function_schemas, to_phi3_messages
+from phi3tune.data.validate import RowProblem
 from phi3tune.errors import UsageError
+from phi3tune.model import loading
 from phi3tune.model.targets import load_for_inference, resolve_target
 
 EXIT_WORDS = {"/exit", "/quit", "exit", "quit"}
@@ -30,6 +36,39 @@ def _streamer(tokenizer, out: TextIO):
             out.flush()
 
     return _ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def read_tools_file(path: Path) -> list[Any]:
+    """The tools of a ``--tools`` file: a JSON list of OpenAI tools (or bare function schemas), one tool,
+    or an object with a ``tools`` (or ``functions``) list, as in a training row.
+
+    Raises:
+        UsageError: The file cannot be read, is not JSON, or holds no valid function schema.
+    """
+    where = f"--tools {path}"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot read it ({exc.strerror or exc}).", hint="give a JSON file of tools.") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise UsageError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)}).", hint="give a JSON file of tools.") from None
+    if isinstance(data, dict) and isinstance(data.get("tools", data.get("functions")), list):
+        data = data.get("tools", data.get("functions"))
+    elif isinstance(data, dict):
+        data = [data]
+    schemas = function_schemas(data)
+    if schemas is None or isinstance(schemas, RowProblem):
+        why = schemas.reason if isinstance(schemas, RowProblem) else "it holds no tools"
+        raise UsageError(f"{where}: {why}.", hint='use the training data\'s form: [{"type": "function", "function": '
+                         '{"name": ..., "description": ..., "parameters": {...}}}]')
+    return data
+
+
+def system_with_tools(system: str | None, tools: list[Any] | None) -> str | None:
+    """The system turn for ``system`` and ``tools``, rendered as training rendered a row with both."""
+    if not tools:
+        return system
+    return to_phi3_messages([{"role": "system", "content": system}] if system else [], tools)[0]["content"]
 
 
 def check_fits_context(model, n_prompt_tokens: int, max_new_tokens: int) -> None:
@@ -127,7 +166,7 @@ def chat_loop(model, tokenizer, *, system: str | None, max_new_tokens: int, cons
 
 
 def run_chat(target: str, *, prompt: str | None = None, system: str | None = None, max_new_tokens: int = 256,
-             console: Console | None = None) -> None:
+             console: Console | None = None, tools: Path | None = None) -> None:
     """``phi3tune chat``: answer ``prompt`` once, or start an interactive session.
 
     Args:
@@ -136,13 +175,16 @@ def run_chat(target: str, *, prompt: str | None = None, system: str | None = Non
         system: Optional system prompt.
         max_new_tokens: Generation limit per answer.
         console: Where status lines go (answers go to stdout).
+        tools: A JSON file of function schemas (see :func:`read_tools_file`), announced in the system turn.
 
     Raises:
-        UsageError: An empty prompt, a target that cannot be used, or a prompt too long for the context.
+        UsageError: An empty prompt, a bad tools file, a target that cannot be used, or a prompt too long for
+            the context.
     """
     console = console or Console(stderr=True)
     if prompt is not None and not prompt.strip():
         raise UsageError("--prompt is empty.", hint="give the message to answer, or leave out --prompt to chat interactively.")
+    system = system_with_tools(system, read_tools_file(tools) if tools is not None else None)
     resolved = resolve_target(target)
     device = loading.device_type()
     what = f"adapter {resolved.path} on {resolved.base}" if resolved.kind == "adapter" else f"model {resolved.path}"

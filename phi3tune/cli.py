@@ -81,7 +81,9 @@ def train(
     set_: List[str] = typer.Option([], "--set", help="Override a key: --set training_config.max_steps=5 (YAML value)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan without loading weights."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print the plan and its peak GPU memory; loads no weights."),
+    gpu_memory: Optional[float] = typer.Option(
+        None, "--gpu-memory", min=1, help="With --dry-run: plan for a GPU of this many GiB (default: the visible GPU, else 80)."),
 ) -> None:
     """Fine-tune Phi-3 with LoRA/QLoRA as the config says."""
     from phi3tune.config.load import load_config
@@ -93,15 +95,17 @@ def train(
         if dry_run:
             from phi3tune.plan import print_plan
 
-            print_plan(cfg, console)
+            print_plan(cfg, console, gpu_memory_gib=gpu_memory)
             return
         from phi3tune.training.resources import oom_guard
-        from phi3tune.summary import print_train_summary
+        from phi3tune.report import print_summary
         from phi3tune.train import run_training
 
         with oom_guard(cfg):
             summary = run_training(cfg, resume=resume, overwrite=overwrite, console=console)
-        print_train_summary(summary, console)
+        title = "phi3tune: run already finished (nothing resumed)" if summary.already_finished \
+            else "phi3tune: training finished"
+        print_summary(summary, console, title=title)
 
     _run(body)
 
@@ -158,11 +162,13 @@ def chat(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One-shot: answer this and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    tools: Optional[Path] = typer.Option(None, "--tools", help="JSON file of function schemas, announced as in training."),
 ) -> None:
     """Talk to a fine-tuned model (streaming, stops at <|end|>)."""
     from phi3tune.chat import run_chat
 
-    _run(lambda: run_chat(target, prompt=prompt, system=system, max_new_tokens=max_new_tokens, console=console))
+    _run(lambda: run_chat(target, prompt=prompt, system=system, max_new_tokens=max_new_tokens, console=console,
+                          tools=tools))
 
 
 @app.command()

@@ -1,9 +1,10 @@
 """``phi3tune data check``: a validation report of the data a config would train on.
 
 It reads every row exactly as training does (``phi3tune.data.prepare.read_source``), reports problems with
-row numbers, rows whose text contains special-token strings (``<|end|>``, ...), a token-length histogram
-against ``max_length`` and the share of trained tokens, and renders a few samples with the trained tokens
-highlighted.
+row numbers (broken JSON lines among them), rows whose text contains special-token strings (``<|end|>``, ...),
+tool use (rows with tools, calls, results, weighted-out turns), a token-length histogram against
+``max_length`` and the share of trained tokens, and renders a few samples (one with tool calls, when there
+are any) with the trained tokens highlighted.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from rich.table import Table
 from rich.text import Text
 
 from phi3tune.model.chat_template import IGNORE_INDEX, render_conversations
+from phi3tune.config.schema import max_length_of
 from phi3tune.data.prepare import SourceData, read_source
+from phi3tune.data.tool_stats import ToolUsage, tool_usage
+from phi3tune.data.validate import rows_shown
 from phi3tune.config.paths import not_a_regular_file
 from phi3tune.model.special_text import DEFAULT_POLICY, conversation_special_strings
 
@@ -47,6 +51,24 @@ def _special_rows(console: Console, data: SourceData, policy: str) -> None:
         f"e.g. {unit} {hits[0][0]}: {', '.join(hits[0][1])}): {_SPECIAL_EFFECT[policy]}",
         highlight=False,
     )
+
+
+def _tool_rows(console: Console, data: SourceData) -> list[int]:
+    """Print the tool use of the source; return the indices of the valid rows that hold tool calls."""
+    total = ToolUsage()
+    with_calls = []
+    for i in data.validation.valid:
+        usage = tool_usage(data.loaded.rows[i], data.format)
+        total.add(usage)
+        if usage.calls:
+            with_calls.append(i)
+    if total.any():
+        console.print(
+            f"tool use (valid rows): {total.rows_with_tools} rows with tools, {total.calls} calls (trained), "
+            f"{total.results} results (context), {total.weighted_out} assistant turns with weight 0 (context)",
+            highlight=False,
+        )
+    return with_calls
 
 
 def _lengths(
@@ -122,12 +144,15 @@ def _report_source(
         for col in ("problem", "rows", f"first {v.unit}s", "example"):
             table.add_column(col)
         for problem, hits in v.problems.items():
-            table.add_row(problem, str(len(hits)), ", ".join(str(n) for n, _ in hits[:5]), hits[0][1])
+            shown = rows_shown(problem)
+            first = ", ".join(str(n) for n, _ in hits[:shown]) + (", …" if len(hits) > shown else "")
+            table.add_row(problem, str(len(hits)), first, hits[0][1])
         console.print(table)
         fatal = on_invalid == "error"
         verdict = "[red]training would stop (on_invalid: error)[/]" if fatal else "they will be skipped (on_invalid: skip)"
         console.print(f"{v.n_invalid} invalid rows: {verdict}")
     _special_rows(console, data, policy)
+    with_calls = _tool_rows(console, data)
     if not v.valid:
         console.print("[red]no valid rows[/]")
         return True
@@ -143,6 +168,10 @@ def _report_source(
     console.print(f"tokens: {total} total, {trained} trained ({share:.1%}, loss_on: {loss_on})")
     convs = data.valid_conversations()
     picks = sorted({0, len(convs) // 2, len(convs) - 1})[:N_SAMPLES]
+    calls_at = set(with_calls)
+    if calls_at and not any(v.valid[p] in calls_at for p in picks):
+        # Show how tool calls render and what of them is trained: the first row with calls replaces the middle.
+        picks = sorted({picks[0], v.valid.index(with_calls[0]), picks[-1]})
     rendered = render_conversations(tokenizer, [convs[i] for i in picks], loss_on, policy)
     numbers = data.valid_numbers()
     for i, (ids, labels) in zip(picks, rendered):
@@ -188,15 +217,6 @@ def run_data_check(target: Path, tokenizer: Any, data_cfg: Any, max_length: int,
     return 2 if fatal else 0
 
 
-def _trainer_default_max_length() -> int:
-    """trl's SFTConfig default (1024 in trl 1.16): what a config without training_config.max_length trains with."""
-    import dataclasses
-
-    from trl import SFTConfig
-
-    return next(int(f.default) for f in dataclasses.fields(SFTConfig) if f.name == "max_length")
-
-
 def check_target(target: Path, set_: list[str], console: Console) -> int:
     """``phi3tune data check TARGET``: the report for a config's data, or for a bare data file.
 
@@ -228,6 +248,6 @@ def check_target(target: Path, set_: list[str], console: Console) -> int:
         cfg = load_config(None, [f"data.train.path={json.dumps(str(target.resolve()))}", *set_])
     for warning in cfg.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    max_length = int(cfg.training_config.get("max_length") or _trainer_default_max_length())
+    max_length = max_length_of(cfg.training_config)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.token)
     return run_data_check(target, tokenizer, cfg.data, max_length, console)

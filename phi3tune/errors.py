@@ -1,4 +1,4 @@
-"""User-facing exceptions. Each carries the exit code DESIGN.md §1 promises and a hint saying what to do."""
+"""User-facing exceptions. Each carries the exit code README ("Commands") promises and a hint saying what to do."""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ against the references, and benchmark suites, for the adapter and (``--compare-b
 Every base pass runs before the adapter passes: the adapter is merged into the weights in memory for its
 generation and tasks, and unmerging is exact only up to rounding.
 
-Output: ``eval_metrics.json`` (default: in the run dir). Its top-level keys stay the schema of DESIGN.md §3
-(eval_loss, perplexity, token_accuracy, n_samples, n_tokens) for the adapter, so tools reading the
+Output: ``eval_metrics.json`` (default: in the run dir). Its top-level keys stay the schema of README's
+output layout (eval_loss, perplexity, token_accuracy, n_samples, n_tokens) for the adapter, so tools reading the
 training-time file keep working; ``adapter``/``base``/``difference``, ``generation`` and ``tasks`` sections
 are added, and a training-time file that was there is kept under ``training_eval``. ``eval_generations.jsonl``
 beside it holds every answered sample. What may be replaced is ``evaluation.outputs``' policy; both files are
@@ -52,7 +52,7 @@ from phi3tune.evaluation.outputs import (METRIC_KEYS, WRITTEN_BY, check_output, 
 from phi3tune.model import loading
 from phi3tune.model.generation import GenerationRun, adapter_merged, generate
 from phi3tune.model.targets import Target, load_for_inference, resolve_target
-from phi3tune.training.checkpoints import atomic_write_json, atomic_write_text
+from phi3tune.training.atomic import atomic_write_json, atomic_write_text
 from phi3tune.training.run_lock import folder_lock
 
 IGNORE_INDEX = -100

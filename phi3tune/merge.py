@@ -52,7 +52,7 @@ from rich.console import Console
 
 from phi3tune.model import loading
 from phi3tune.model.artefacts import MERGE_INCOMPLETE, MERGE_STAGING_SUFFIX, quoted
-from phi3tune.training.checkpoints import atomic_write_json
+from phi3tune.training.atomic import atomic_write_json, settle_tree
 from phi3tune.errors import Phi3TuneError, UsageError
 from phi3tune.model.targets import Target, load_full_model, resolve_target, tokenizer_source
 from phi3tune.training.run_lock import folder_lock
@@ -160,15 +160,6 @@ def _fresh_staging(out: Path, console: Console) -> Path:
     (staging / INCOMPLETE_MARKER).write_text(
         "phi3tune merge-adapter started; this folder is not a usable model until this file is gone.\n")
     return staging
-
-
-def _follow_umask(folder: Path) -> None:
-    """Give every file in ``folder`` the permissions the umask allows (safetensors writes 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in folder.rglob("*"):
-        if path.is_file():
-            os.chmod(path, 0o666 & ~mask)
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -280,7 +271,7 @@ def _merge_into(target: Target, staging: Path, out: Path, *, verify: bool, conso
     result["seconds"] = round(time.perf_counter() - started, 2)
     atomic_write_json(staging / VERIFICATION_FILE, {**result, "verified": verify})
     marker.unlink()
-    _follow_umask(staging)
+    settle_tree(staging)
     return result["seconds"]
 
 

@@ -14,7 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from phi3tune.fastpath import FastPathPlan, estimate, gpu_memory_bytes, max_length_of
+from phi3tune.config.schema import max_length_of
+from phi3tune.fastpath import FastPathPlan, estimate, gpu_memory_bytes
 from phi3tune.fastpath.memory import ModelShape, shape_of
 from phi3tune.model import loading
 from phi3tune.training.arguments import build_training_args

@@ -1,88 +1,25 @@
-"""Training report: ``train_report.png`` (loss, eval loss, learning rate vs step) and a text summary.
-
-Reads ``metrics.jsonl`` defensively: a run killed mid-write leaves a truncated last line, and
-non-finite values are stored as null; both are skipped, never fatal, so the report works for any
-run, finished or interrupted.
-"""
+"""``phi3tune report``: ``train_report.png`` (loss, eval loss, learning rate vs step) and the run's summary, the
+same table the end of ``phi3tune train`` prints. Works for any run, finished or interrupted."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import shlex
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
-from phi3tune.training.checkpoints import file_mode
+from phi3tune.training.atomic import atomic_write
 from phi3tune.errors import UsageError
+from phi3tune.training.layout import ADAPTER_DIR, EVAL_METRICS, METRICS, REPORT
+from phi3tune.training.metrics import RunMetrics, read_metrics
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "train_report.png"
-METRICS_FILE = "metrics.jsonl"
-
-
-@dataclass
-class RunMetrics:
-    """Series read from metrics.jsonl; each is a list of ``(step, value)`` with finite values only."""
-
-    loss: list[tuple[int, float]] = field(default_factory=list)
-    eval_loss: list[tuple[int, float]] = field(default_factory=list)
-    learning_rate: list[tuple[int, float]] = field(default_factory=list)
-    tokens: int | None = None
-    tokens_per_second: list[float] = field(default_factory=list)
-    skipped_lines: int = 0
-    nonfinite_steps: list[int] = field(default_factory=list)
-
-
-def _number(value: Any) -> float | None:
-    # bool is an int subclass; null (non-finite at write time) and strings are not plottable either.
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def read_metrics(path: Path) -> RunMetrics:
-    """Parse ``metrics.jsonl``, skipping unreadable lines (e.g. a truncated last line) and null values.
-
-    Args:
-        path: The run's metrics.jsonl (may be missing or empty).
-
-    Returns:
-        The series found; empty when there is no file.
-    """
-    metrics = RunMetrics()
-    if not path.is_file():
-        return metrics
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            metrics.skipped_lines += 1
-            continue
-        step = _number(row.get("step")) if isinstance(row, dict) else None
-        if step is None:
-            metrics.skipped_lines += 1
-            continue
-        if row.get("nonfinite"):
-            metrics.nonfinite_steps.append(int(step))
-        for key in ("loss", "eval_loss", "learning_rate"):
-            value = _number(row.get(key))
-            if value is not None:
-                getattr(metrics, key).append((int(step), value))
-        if _number(row.get("tokens")) is not None:
-            metrics.tokens = int(row["tokens"])
-        if _number(row.get("tokens_per_second")) is not None:
-            metrics.tokens_per_second.append(float(row["tokens_per_second"]))
-    return metrics
 
 
 def plot_report(metrics: RunMetrics, path: Path, title: str) -> Path:
@@ -121,16 +58,10 @@ def plot_report(metrics: RunMetrics, path: Path, title: str) -> Path:
     ax_lr.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    # Write through a temp file and a rename, so an interrupted write never leaves a broken PNG.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.fchmod(fd, file_mode())  # mkstemp makes it 0600; the PNG follows the umask like every other file
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -147,45 +78,114 @@ def write_report(run_dir: Path) -> Path:
         The PNG's path (which may be missing when drawing failed).
     """
     run_dir = Path(run_dir)
-    path = run_dir / REPORT_FILE
+    path = run_dir / REPORT
     try:
-        plot_report(read_metrics(run_dir / METRICS_FILE), path, title=run_dir.resolve().name)
+        plot_report(read_metrics(run_dir / METRICS), path, title=run_dir.resolve().name)
     except Exception as exc:  # noqa: BLE001 - see the docstring
         log.warning("could not draw %s (%s: %s); run `phi3tune report %s` to retry", path, type(exc).__name__,
                     exc, shlex.quote(str(run_dir)))
     return path
 
 
-def summary_lines(run_dir: Path, metrics: RunMetrics) -> list[str]:
-    """A few lines describing the run: state, steps, losses, throughput, eval metrics."""
-    finished = (run_dir / "adapter" / "adapter_config.json").is_file()
-    lines = [f"run {run_dir}: {'finished' if finished else 'not finished (no adapter/ yet)'}"]
-    if metrics.loss:
-        (s0, l0), (s1, l1) = metrics.loss[0], metrics.loss[-1]
-        lines.append(f"train loss {l0:.4f} (step {s0}) -> {l1:.4f} (step {s1}), {len(metrics.loss)} points")
-    else:
-        lines.append("no training loss logged yet")
+@dataclass
+class RunSummary:
+    """A run as the user sees it at the end of training and in ``phi3tune report``, read from its folder."""
+
+    output_dir: Path
+    finished: bool
+    steps: int | None
+    first_loss: float | None
+    final_loss: float | None
+    eval_metrics: dict[str, Any] = field(default_factory=dict)
+    tokens: int | None = None
+    tokens_per_second: float | None = None  # median of the logged rates
+    seconds: float | None = None
+    already_finished: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.output_dir / ADAPTER_DIR
+
+
+def _read_eval_metrics(run_dir: Path) -> tuple[dict[str, Any], str | None]:
+    path = run_dir / EVAL_METRICS
+    if not path.is_file():
+        return {}, None
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return {}, f"{EVAL_METRICS} is unreadable"
+    return (loaded, None) if isinstance(loaded, dict) else ({}, f"{EVAL_METRICS} is unreadable")
+
+
+def summarize_run(run_dir: Path, *, steps: int | None = None, seconds: float | None = None,
+                  already_finished: bool = False) -> RunSummary:
+    """Summarise a run folder from its metrics.jsonl, eval_metrics.json and adapter/.
+
+    Args:
+        run_dir: The run's output directory, finished or interrupted.
+        steps: The trainer's own step count, where known (else the last logged step).
+        seconds: Wall time of this invocation, for the end-of-training summary.
+        already_finished: ``--resume`` found the run finished and changed nothing.
+    """
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir / METRICS)
+    eval_metrics, eval_note = _read_eval_metrics(run_dir)
+    rates = sorted(metrics.tokens_per_second)
+    summary = RunSummary(
+        output_dir=run_dir,
+        finished=(run_dir / ADAPTER_DIR / "adapter_config.json").is_file(),
+        steps=steps if steps is not None else (metrics.loss[-1][0] if metrics.loss else None),
+        first_loss=metrics.loss[0][1] if metrics.loss else None,
+        final_loss=metrics.loss[-1][1] if metrics.loss else None,
+        eval_metrics=eval_metrics,
+        tokens=metrics.tokens,
+        tokens_per_second=rates[len(rates) // 2] if rates else None,
+        seconds=seconds,
+        already_finished=already_finished,
+    )
     if metrics.eval_loss:
         best_step, best = min(metrics.eval_loss, key=lambda p: p[1])
-        lines.append(f"eval loss {metrics.eval_loss[-1][1]:.4f} (last), best {best:.4f} at step {best_step}")
-    if metrics.learning_rate:
-        lines.append(f"learning rate {metrics.learning_rate[-1][1]:.3g} at the last logged step")
-    if metrics.tokens is not None:
-        rates = sorted(metrics.tokens_per_second)
-        rate = f", median {rates[len(rates) // 2]:,.0f} tokens/s" if rates else ""
-        lines.append(f"{metrics.tokens:,} tokens seen{rate}")
+        summary.notes.append(f"eval loss during training: {metrics.eval_loss[-1][1]:.4f} (last), best {best:.4f} "
+                             f"at step {best_step}")
     if metrics.nonfinite_steps:
-        lines.append(f"non-finite values logged at steps {metrics.nonfinite_steps[:10]}")
+        summary.notes.append(f"non-finite values logged at steps {metrics.nonfinite_steps[:10]}")
     if metrics.skipped_lines:
-        lines.append(f"skipped {metrics.skipped_lines} unreadable line(s) of {METRICS_FILE} (e.g. cut off by a kill)")
-    eval_file = run_dir / "eval_metrics.json"
-    if eval_file.is_file():
-        try:
-            ev = json.loads(eval_file.read_text(encoding="utf-8"))
-            lines.append(f"eval_metrics.json: eval_loss {ev.get('eval_loss')}, perplexity {ev.get('perplexity')}")
-        except (json.JSONDecodeError, AttributeError):
-            lines.append("eval_metrics.json is unreadable")
-    return lines
+        summary.notes.append(f"skipped {metrics.skipped_lines} unreadable line(s) of {METRICS} (e.g. cut off by a kill)")
+    if eval_note:
+        summary.notes.append(eval_note)
+    return summary
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_summary(summary: RunSummary, console: Console, *, title: str) -> None:
+    """The one-screen table shown at the end of training and by ``phi3tune report``."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("run", f"{summary.output_dir} ({'finished' if summary.finished else 'not finished: no adapter/ yet'})")
+    if summary.finished:
+        table.add_row("adapter", str(summary.adapter_dir))
+    table.add_row("steps", "-" if summary.steps is None else str(summary.steps))
+    table.add_row("train loss", f"{_fmt(summary.first_loss)} -> {_fmt(summary.final_loss)}")
+    ev = summary.eval_metrics
+    if ev.get("eval_loss") is not None:
+        table.add_row("eval loss", f"{_fmt(ev.get('eval_loss'))} (perplexity {_fmt(ev.get('perplexity'), '.2f')})")
+    if summary.tokens is not None:
+        rate = f", {summary.tokens_per_second:,.0f} tokens/s (median)" if summary.tokens_per_second else ""
+        table.add_row("tokens", f"{summary.tokens:,}{rate}")
+    if summary.seconds is not None:
+        minutes, seconds = divmod(int(summary.seconds), 60)
+        table.add_row("time", f"{minutes}m {seconds:02d}s")
+    for note in summary.notes:
+        table.add_row("note", note)
+    if summary.finished:
+        table.add_row("next", f"phi3tune eval {shlex.quote(str(summary.output_dir))} --compare-base")
+    console.print(table)
 
 
 def run_report(run_dir: Path, *, console: Console | None = None) -> None:
@@ -202,13 +202,11 @@ def run_report(run_dir: Path, *, console: Console | None = None) -> None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a directory.", hint="give a run's output directory.")
-    if not (run_dir / METRICS_FILE).is_file():
+    if not (run_dir / METRICS).is_file():
         raise UsageError(
-            f"{run_dir} has no {METRICS_FILE}; it is not a phi3tune run (or it logged nothing yet).",
+            f"{run_dir} has no {METRICS}; it is not a phi3tune run (or it logged nothing yet).",
             hint="give the output directory of `phi3tune train`.",
         )
-    metrics = read_metrics(run_dir / METRICS_FILE)
-    png = plot_report(metrics, run_dir / REPORT_FILE, title=run_dir.resolve().name)
-    for line in summary_lines(run_dir, metrics):
-        console.print(line, highlight=False)
+    png = plot_report(read_metrics(run_dir / METRICS), run_dir / REPORT, title=run_dir.resolve().name)
+    print_summary(summarize_run(run_dir), console, title="phi3tune report")
     console.print(f"wrote {png}", highlight=False)

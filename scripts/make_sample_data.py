@@ -2,7 +2,7 @@
 
 The task is 3-word reversal ("Reverse these words: apple river stone" → "stone river apple") over
 62 common English words that are single tokens for the Phi-3 tokenizer: simple enough that a tiny
-random Phi-3 (hidden 512, 2 layers) visibly learns it in ~100 steps (DESIGN.md §7). About a quarter
+random Phi-3 (hidden 512, 2 layers) visibly learns it in ~100 steps (docs/design.md, "Tests without the internet"). About a quarter
 of the rows carry a system turn so that rendering with and without one is exercised.
 
 Run: python scripts/make_sample_data.py   (rewrites the files byte for byte identically)

@@ -1,4 +1,5 @@
-"""Helpers for the robustness tests: a very small training setup, in-process CLI runs, fault injection.
+"""Shared test helpers: a very small training setup, in-process CLI runs, metrics readers, a tiny Phi-3 config,
+fault injection.
 
 In-process runs (``cli``) go through the real Typer app, so exit codes and messages are the user's, without
 paying a Python start-up per run; tests that need a real process (signals, tracebacks) use ``run_cli``.
@@ -68,14 +69,28 @@ def cli(args: list[str]):
     return CliRunner().invoke(app, args, catch_exceptions=False, env={"COLUMNS": "400"})
 
 
+def metrics_rows(run: Path) -> list[dict]:
+    """Every row of a run's metrics.jsonl, as written."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def losses(run: Path) -> dict[int, float]:
     """Per-step training losses from a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r["loss"] for r in metrics_rows(run) if "loss" in r}
 
 
-def metrics_rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def tiny_phi3_config(**overrides):
+    """The real Phi-3-mini config (from the offline cache) shrunk to a 2-layer, 64-wide model, for unit tests."""
+    from transformers import AutoConfig
+
+    from conftest import PHI3_ID
+
+    cfg = AutoConfig.from_pretrained(PHI3_ID)
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4)
+    for key, value in {**sizes, **overrides}.items():
+        setattr(cfg, key, value)
+    return cfg
 
 
 def assert_same_losses(got: dict[int, float], want: dict[int, float], rel: float = 1e-5) -> None:

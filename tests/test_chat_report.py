@@ -8,13 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from conftest import needs_hf_home
-from phi3tune.cli import app
-from phi3tune.report import read_metrics
+from helpers import cli
+from phi3tune.training.metrics import read_metrics
 
-runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -30,12 +28,12 @@ def _direct_reply(trained_run: Path, prompt: str, max_new_tokens: int) -> str:
 @pytest.mark.slow
 def test_chat_prompt_answers_through_the_cli(trained_run: Path) -> None:
     prompt = "Reverse these words: star house bear"
-    result = runner.invoke(app, ["chat", str(trained_run), "--prompt", prompt, "--max-new-tokens", "12"])
+    result = cli(["chat", str(trained_run), "--prompt", prompt, "--max-new-tokens", "12"])
     assert result.exit_code == 0, result.output
     expected = _direct_reply(trained_run, prompt, 12)
     assert result.stdout.strip() == expected
     # A full model folder (the run's random base) streams text too: the answer is never empty.
-    result = runner.invoke(app, ["chat", str(trained_run / "base_model"), "--prompt", "hi", "--max-new-tokens", "5"])
+    result = cli(["chat", str(trained_run / "base_model"), "--prompt", "hi", "--max-new-tokens", "5"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip()
 
@@ -73,7 +71,7 @@ def test_report_for_a_finished_run(trained_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", "base_model"))
     (run / "train_report.png").unlink(missing_ok=True)
-    result = runner.invoke(app, ["report", str(run)])
+    result = cli(["report", str(run)])
     assert result.exit_code == 0, result.output
     assert (run / "train_report.png").read_bytes().startswith(PNG_MAGIC)
     assert "finished" in result.output and "train loss" in result.output
@@ -98,7 +96,7 @@ def test_report_for_an_interrupted_run_with_a_truncated_metrics_file(tmp_path: P
     assert metrics.loss == [(5, 9.7), (15, 7.5)]
     assert metrics.eval_loss == [(10, 8.1)] and metrics.nonfinite_steps == [10] and metrics.skipped_lines == 1
 
-    result = runner.invoke(app, ["report", str(tmp_path)])
+    result = cli(["report", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "train_report.png").read_bytes().startswith(PNG_MAGIC)
     assert "not finished" in result.output and "skipped 1" in result.output
@@ -106,9 +104,9 @@ def test_report_for_an_interrupted_run_with_a_truncated_metrics_file(tmp_path: P
 
 def test_report_for_a_run_that_logged_nothing_yet(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("")
-    assert runner.invoke(app, ["report", str(tmp_path)]).exit_code == 0
+    assert cli(["report", str(tmp_path)]).exit_code == 0
     assert (tmp_path / "train_report.png").is_file()
-    assert runner.invoke(app, ["report", str(tmp_path / "nope")]).exit_code == 2
+    assert cli(["report", str(tmp_path / "nope")]).exit_code == 2
 
 
 def test_write_report_never_fails_a_finished_training(tmp_path: Path, monkeypatch, caplog) -> None:

@@ -7,18 +7,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from conftest import needs_hf_home
-from phi3tune.cli import app
+from helpers import cli
 
 pytestmark = [needs_hf_home, pytest.mark.slow]
-runner = CliRunner()
 
 
 def _eval(*args: str):
-    result = runner.invoke(app, ["eval", *map(str, args)])
-    return result
+    return cli(["eval", *map(str, args)])
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +35,7 @@ def test_compare_base_shows_the_adapter_beats_the_base(compared: tuple[Path, str
     assert diff["eval_loss"] == pytest.approx(adapter["eval_loss"] - base["eval_loss"])
     assert adapter["n_samples"] == base["n_samples"] == 8
     assert adapter["n_tokens"] == base["n_tokens"] > 0
-    # The top level keeps DESIGN.md §3's flat schema (the adapter's numbers).
+    # The top level keeps the training-time flat schema (the adapter's numbers).
     for key in ("eval_loss", "perplexity", "token_accuracy", "n_samples", "n_tokens"):
         assert metrics[key] == adapter[key]
     assert "base" in output and "difference" in output

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from conftest import needs_hf_home
 from phi3tune import merge
-from phi3tune.cli import app
+from helpers import cli
 
 pytestmark = [needs_hf_home, pytest.mark.slow]
-runner = CliRunner()
 
 # Not among merge.VERIFY_CONVERSATIONS: the merged model must agree on prompts it was never checked on.
 HELD_OUT = [
@@ -27,7 +25,7 @@ HELD_OUT = [
 @pytest.fixture(scope="module")
 def merged_dir(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("merge") / "merged"
-    result = runner.invoke(app, ["merge-adapter", str(trained_run), str(out)])
+    result = cli(["merge-adapter", str(trained_run), str(out)])
     assert result.exit_code == 0, result.output
     assert "max |logit diff|" in result.output
     return out
@@ -92,7 +90,7 @@ def test_a_corrupted_merge_fails_verification(trained_run: Path, tmp_path: Path,
 
     monkeypatch.setattr(merge, "_merge", doubled_scaling)
     out = tmp_path / "bad"
-    result = runner.invoke(app, ["merge-adapter", str(trained_run / "adapter"), str(out)])
+    result = cli(["merge-adapter", str(trained_run / "adapter"), str(out)])
     assert result.exit_code == 1, result.output
     assert "disagrees" in result.output
     # The unverified merge never appears under the output's name; it is kept, marked, in the staging folder.
@@ -104,7 +102,7 @@ def test_a_corrupted_merge_fails_verification(trained_run: Path, tmp_path: Path,
 
 def test_non_empty_output_is_refused(trained_run: Path, tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("mine")
-    result = runner.invoke(app, ["merge-adapter", str(trained_run), str(tmp_path)])
+    result = cli(["merge-adapter", str(trained_run), str(tmp_path)])
     assert result.exit_code == 2 and "not empty" in result.output
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
@@ -116,7 +114,7 @@ def test_pickle_adapter_refused_unless_allowed(trained_run: Path, tmp_path: Path
     adapter = tmp_path / "adapter"
     shutil.copytree(trained_run / "adapter", adapter)
     (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
-    result = runner.invoke(app, ["merge-adapter", str(adapter), str(tmp_path / "out")])
+    result = cli(["merge-adapter", str(adapter), str(tmp_path / "out")])
     assert result.exit_code == 2 and "pickle" in result.output
     with pytest.raises(UsageError):
         resolve_target(adapter)
@@ -153,7 +151,7 @@ def test_a_corrupted_export_fails_verification(trained_run: Path, tmp_path: Path
 
     monkeypatch.setattr(merge, "_save", save_then_corrupt)
     out = tmp_path / "bad_export"
-    result = runner.invoke(app, ["merge-adapter", str(trained_run), str(out)])
+    result = cli(["merge-adapter", str(trained_run), str(out)])
     assert result.exit_code == 1, result.output
     assert "down_proj" in result.output and not out.exists()
     assert (merge.staging_dir(out.resolve()) / merge.INCOMPLETE_MARKER).is_file()

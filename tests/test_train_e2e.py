@@ -10,12 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_CONFIG, TRAINED_RUN_STEPS, needs_hf_home, run_cli
+from helpers import metrics_rows
 
 pytestmark = [needs_hf_home, pytest.mark.slow]
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def test_train_writes_the_output_layout(trained_run: Path) -> None:
@@ -29,7 +26,7 @@ def test_train_writes_the_output_layout(trained_run: Path) -> None:
 
 
 def test_training_loss_falls(trained_run: Path) -> None:
-    rows = [r for r in _metrics(trained_run) if r.get("loss") is not None]
+    rows = [r for r in metrics_rows(trained_run) if r.get("loss") is not None]
     assert rows[-1]["step"] == TRAINED_RUN_STEPS
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"], (rows[0]["loss"], rows[-1]["loss"])
     assert all(r["tokens"] > 0 for r in rows)

@@ -1,7 +1,7 @@
 """Translate keys that published Phi-3 recipes use but the installed libraries renamed or dropped.
 
 The model card's ``sample_finetune.py`` and the Phi-3 cookbook were written for transformers 4 / trl 0.8:
-``max_seq_length``, ``warmup_ratio``, ``overwrite_output_dir``, ``evaluation_strategy``... DESIGN.md §2 promises
+``max_seq_length``, ``warmup_ratio``, ``overwrite_output_dir``, ``evaluation_strategy``... README ("The config file") promises
 that their dictionaries paste in and work, so each such key is translated with one warning line, or rejected
 with the replacement named, never silently ignored. Renames are decided against the *installed* field names,
 so the same table works whichever side of a rename the installed trl/transformers is on.

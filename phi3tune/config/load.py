@@ -1,4 +1,4 @@
-"""Load, override, translate and validate a phi3tune config file (DESIGN.md §2).
+"""Load, override, translate and validate a phi3tune config file (README, "The config file").
 
 ``load_config`` is the only entry point: it reads the YAML, applies ``--set`` overrides and ``--output-dir``,
 translates legacy recipe keys (``config_legacy``), validates ``model``/``data`` with pydantic

@@ -13,6 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from phi3tune.config.fields import did_you_mean
 from phi3tune.config.paths import PKG_SCHEME, resolve_pkg_path
+# trl's SFTConfig default for max_length (1.16): what a config without training_config.max_length trains with.
+DEFAULT_MAX_LENGTH = 1024
+
+
+def max_length_of(training_config: Any) -> int:
+    """The sequence length a run uses: ``training_config.max_length``, or trl's default when unset or null."""
+    return int(training_config.get("max_length") or DEFAULT_MAX_LENGTH)
+
+
 EVAL_CONFLICT = "data: give either 'eval' or 'eval_fraction', not both"
 
 # random_init keys that are sizes: positive ints. vocab_size is left out on purpose: the real tokenizer is
@@ -48,6 +57,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class FastPathConfig(_Strict):
+    """``model.fast_path``: the GPU fast path's fused kernels (phi3tune/fastpath/), on by default."""
+
+    fused_lora: bool = Field(True, description="Fuse each LoRA linear with its frozen base layer (one GEMM epilogue).")
+    compiled_layers: bool = Field(
+        True, description="Phi-3's residual+RMSNorm, qkv split+RoPE and SwiGLU compiled on the fused projections."
+    )
+
+
 class ModelConfig(_Strict):
     """The ``model`` section: which base model to load and how."""
 
@@ -69,6 +87,9 @@ class ModelConfig(_Strict):
     )
     token: str | bool | None = Field(
         None, repr=False, description="Hugging Face hub token (secret; redacted whenever the config is written)."
+    )
+    fast_path: FastPathConfig = Field(
+        default_factory=FastPathConfig, description="Switches of the GPU fast path (attn_implementation auto/varlen)."
     )
 
     @field_validator("dtype", mode="before")

@@ -21,9 +21,10 @@ from pydantic import ValidationError
 
 from phi3tune.config.parse import apply_override, pydantic_problems
 from phi3tune.errors import ConfigError, UsageError
-from phi3tune.model.targets import RUN_CONFIG, Target
+from phi3tune.config.schema import max_length_of
+from phi3tune.model.targets import Target
+from phi3tune.training.layout import RUN_CONFIG
 
-DEFAULT_MAX_LENGTH = 1024  # train.py's fallback when training_config sets none
 DEFAULT_SEED = 42
 
 
@@ -135,7 +136,7 @@ def load_eval_dataset(target: Target, tokenizer, *, config: Path | None = None, 
     from phi3tune.data.prepare import prepare_datasets
 
     run_config = target.run_config
-    max_length = int(_training_value(run_config, "max_length", DEFAULT_MAX_LENGTH))
+    max_length = max_length_of(run_config.get("training_config") or {})
     seed = int(_training_value(run_config, "seed", DEFAULT_SEED))
     if data is not None:
         return _tokenise_file(Path(data), _data_policies(run_config), tokenizer, max_length)

@@ -2,15 +2,17 @@
 
 Supported formats:
 
-- ``messages``: OpenAI chat, ``{"messages": [{"role": ..., "content": ...}]}``.
+- ``messages``: OpenAI / Azure chat, ``{"messages": [{"role": ..., "content": ...}]}``, with tool use
+  (row ``tools``/``functions``, assistant ``tool_calls``/``function_call``, ``tool``/``function``
+  results) and per-message ``weight`` (0: an assistant turn that is context, not trained).
 - ``sharegpt``: ``{"conversations": [{"from": ..., "value": ...}]}`` (also under ``messages``), with an
   optional ``system`` string and ``tools`` field. ``human``/``user`` → user, ``gpt``/``assistant`` →
-  assistant, ``system`` → system. Tool turns keep the Phi-3 roles and the user/assistant
-  alternation: ``function_call`` becomes an assistant turn holding the call verbatim (the model learns
-  to emit it), ``observation``/``tool``/``function`` becomes a user turn prefixed with
-  ``TOOL_RESULT_PREFIX`` (context, not trained). A non-empty ``tools`` field is appended to the system
-  turn (created if absent) after ``TOOLS_HEADER``, so the calls the model learns are grounded in the
-  function schemas it was shown.
+  assistant, ``system`` → system. Tool turns: ``function_call`` becomes an assistant turn holding the
+  call verbatim (the model learns to emit it; after a ``gpt`` turn it joins that turn),
+  ``observation``/``tool``/``function`` a user turn of tool results (context, not trained).
+
+Tool use renders one way for both (``phi3tune.data.tools``): schemas in the system turn, calls as JSON
+in assistant turns, results as user turns, so the same conversation gives the same tokens in either form.
 - ``alpaca``: ``instruction`` / optional ``input`` / ``output`` / optional ``system``; the user turn is
   the instruction, then a blank line and the input when there is one.
 - ``prompt_completion``: ``prompt``/``completion`` strings (user/assistant turns), or conversational
@@ -26,11 +28,14 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from phi3tune.data.tools import (
+    TOOL_RESULT_PREFIX, TOOLS_HEADER, add_result, attach_tools, openai_messages, result_text, tools_text, with_text,
+)  # fmt: skip
+from phi3tune.data.validate import RowProblem
 from phi3tune.errors import DataError
 
+__all__ = ["FORMATS", "TOOLS_HEADER", "TOOL_RESULT_PREFIX", "detect_format", "normalise_row", "normalise_rows"]
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
-TOOL_RESULT_PREFIX = "Tool result:\n"
-TOOLS_HEADER = "You can call these functions; reply with a JSON object naming the function and its arguments:\n"
 
 SHAREGPT_ROLES = {
     "human": "user", "user": "user",
@@ -92,6 +97,8 @@ def detect_format(
     for i, row in enumerate(rows):
         if i >= _DETECT_SAMPLE:
             break
+        if isinstance(row, RowProblem):
+            continue  # a broken line: reported by validation, says nothing of the format
         fmt = _format_of(row)
         if fmt:
             seen[fmt] = seen.get(fmt, 0) + 1
@@ -130,45 +137,36 @@ def _turn(role: Any, content: Any) -> dict[str, Any]:
     return {"role": role, "content": content}
 
 
-def _from_messages(row: dict) -> list | None:
-    turns = _as_list(row.get("messages"))
-    if not isinstance(turns, list):
-        return None
-    return [_turn(t.get("role"), t.get("content")) if isinstance(t, dict) else t for t in turns]
-
-
-def _tools_text(tools: Any) -> str | None:
-    # Exports often store tools as a JSON string, "[]" when a row has none.
-    parsed = _as_list(tools) if isinstance(tools, str) else tools
-    if parsed in (None, "", [], {}) or (isinstance(tools, str) and not tools.strip()):
-        return None
-    text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
-    return TOOLS_HEADER + text
-
-
-def _from_sharegpt(row: dict) -> list | None:
+def _from_sharegpt(row: dict) -> list | RowProblem | None:
     turns = _as_list(row.get("conversations", row.get("messages")))
     if not isinstance(turns, list):
         return None
     out: list = []
     if isinstance(row.get("system"), str) and row["system"].strip():
         out.append(_turn("system", row["system"]))
+    previous = None  # the kind of the last turn: a call may join a gpt turn, results of parallel calls join
     for t in turns:
         if not isinstance(t, dict):
             out.append(t)
+            previous = None
             continue
         source = t.get("from", t.get("role"))
         value = t.get("value", t.get("content"))
-        role = SHAREGPT_ROLES.get(source.lower() if isinstance(source, str) else source, source)
+        key = source.lower() if isinstance(source, str) else source
+        role = SHAREGPT_ROLES.get(key, source)
         if source in _TOOL_RESULT_SOURCES and isinstance(value, str):
-            value = TOOL_RESULT_PREFIX + value
-        out.append(_turn(role, value))
-    tools = _tools_text(row.get("tools"))
-    if tools:
-        if out and isinstance(out[0], dict) and out[0]["role"] == "system" and isinstance(out[0]["content"], str):
-            out[0] = _turn("system", out[0]["content"].rstrip() + "\n\n" + tools)
+            add_result(out, result_text(value), merge=previous == "result")
+            previous = "result"
+            continue
+        if key == "function_call" and previous == "text" and isinstance(value, str):
+            out[-1] = _turn("assistant", with_text(out[-1]["content"], value))
         else:
-            out.insert(0, _turn("system", tools))
+            out.append(_turn(role, value))
+        previous = "text" if role == "assistant" and key != "function_call" and isinstance(value, str) else None
+    tools = tools_text(row.get("tools"))
+    if isinstance(tools, RowProblem):
+        return tools
+    attach_tools(out, tools)
     return out
 
 
@@ -195,15 +193,18 @@ def _from_prompt_completion(row: dict) -> list:
 
 
 _NORMALISERS = {
-    "messages": _from_messages,
+    "messages": openai_messages,
     "sharegpt": _from_sharegpt,
     "alpaca": _from_alpaca,
     "prompt_completion": _from_prompt_completion,
 }
 
 
-def normalise_row(row: Any, fmt: str, system_prompt: str | None = None) -> list | None:
+def normalise_row(row: Any, fmt: str, system_prompt: str | None = None) -> list | RowProblem | None:
     """Normalise one raw row to a message list (``None`` when it holds no message list at all).
+
+    A row already known to be wrong (a broken JSON line), or whose tool use cannot be rendered, comes back
+    as a ``RowProblem`` for validation to report.
 
     Args:
         row: The raw row.
@@ -211,8 +212,11 @@ def normalise_row(row: Any, fmt: str, system_prompt: str | None = None) -> list 
         system_prompt: Default system turn, added when the row has none.
 
     Returns:
-        The list of ``{"role", "content"}`` turns, unvalidated, or None.
+        The list of ``{"role", "content"}`` turns (``"weight": 0`` on weighted-out assistant turns),
+        unvalidated; a ``RowProblem``; or None.
     """
+    if isinstance(row, RowProblem):
+        return row
     if not isinstance(row, dict):
         return None
     messages = _NORMALISERS[fmt](row)
@@ -223,7 +227,7 @@ def normalise_row(row: Any, fmt: str, system_prompt: str | None = None) -> list 
     return messages
 
 
-def normalise_rows(rows: Iterable[Any], fmt: str, system_prompt: str | None = None) -> list[list | None]:
+def normalise_rows(rows: Iterable[Any], fmt: str, system_prompt: str | None = None) -> list[list | RowProblem | None]:
     """Normalise every row of a source (see :func:`normalise_row`).
 
     Args:

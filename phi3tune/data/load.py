@@ -9,14 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phi3tune.errors import DataError, ResourceError
 from phi3tune.config.paths import PKG_SCHEME, not_a_regular_file, resolve_pkg_path
+from phi3tune.data.validate import INVALID_JSON, RowProblem
+from phi3tune.errors import DataError, ResourceError
 
 # utf-8-sig: editors on Windows save UTF-8 with a byte-order mark; plain utf-8 would keep it as a character
 # that breaks the first JSON line and becomes part of the first CSV column's name.
 _ENCODING = "utf-8-sig"
 _TOO_DEEP = "JSON nested too deeply (more levels than Python's recursion limit)"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_JSON_KIND = {str: "a string", int: "a number", float: "a number", bool: "true/false", type(None): "null"}
 
 
 @dataclass
@@ -72,22 +74,30 @@ def resolve_path(path: str | Path, base_dir: Path | None) -> Path:
 
 
 def _read_jsonl(path: Path) -> LoadedRows:
+    """Every line, a broken one kept as a ``RowProblem`` in its place so that all are reported at once
+    (``data.on_invalid`` then stops on them or skips them like any invalid row)."""
     rows: list[Any] = []
     numbers: list[int] = []
+    broken = 0
     with path.open(encoding=_ENCODING) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue  # blank lines (often a trailing one) are not rows
             try:
-                rows.append(json.loads(line))
+                rows.append(json.loads(line.rstrip("\r\n")))  # a newline would read as "control character"
             except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}: line {line_no} is not valid JSON ({e.msg}, column {e.colno})",
-                    hint="each line of a .jsonl file must be one complete JSON object",
-                ) from None
+                rows.append(RowProblem(INVALID_JSON, f"not valid JSON ({e.msg}, column {e.colno})"))
+                broken += 1
             except RecursionError:
-                raise DataError(f"{path}: line {line_no}: {_TOO_DEEP}", hint="fix or remove that line") from None
+                rows.append(RowProblem(INVALID_JSON, _TOO_DEEP))
+                broken += 1
             numbers.append(line_no)
+    if rows and broken == len(rows):
+        # Not one line parses: not JSON Lines at all (a pretty-printed .json, another format), not a few bad rows.
+        raise DataError(
+            f"{path}: none of its {len(rows)} lines is valid JSON (line {numbers[0]}: {rows[0].reason})",
+            hint="each line of a .jsonl file must be one complete JSON object; a JSON list belongs in a .json file",
+        )
     return LoadedRows(str(path), rows, numbers, unit="line")
 
 
@@ -98,17 +108,24 @@ def _read_json(path: Path) -> LoadedRows:
     except RecursionError:
         raise DataError(f"{path}: {_TOO_DEEP}", hint="a .json data file must hold a list of objects") from None
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # JSON Lines saved as .json: read it as such, as `datasets` does
-            return _read_jsonl(path)
-        raise DataError(
+        whole_file_error = DataError(
             f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})",
-            hint="a .json data file must hold a list of objects, or {\"data\": [...]}",
-        ) from None
+            hint="a .json data file must hold a list of objects, one object, or {\"data\": [...]}",
+        )
+        if e.msg == "Extra data":  # JSON Lines saved as .json: read it as such, as `datasets` does
+            try:
+                return _read_jsonl(path)
+            except DataError:  # no line parses on its own: the file is one broken JSON document
+                raise whole_file_error from None
+        raise whole_file_error from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
+    elif isinstance(data, dict):
+        data = [data]  # one conversation saved as a single object is one row
     if not isinstance(data, list):
         raise DataError(
-            f"{path}: expected a JSON list of rows (or {{\"data\": [...]}}), found {type(data).__name__}",
+            f"{path}: expected a JSON list of rows, one row object or {{\"data\": [...]}}; found "
+            f"{_JSON_KIND.get(type(data), type(data).__name__)}",
             hint="wrap the rows in a list, or save one JSON object per line as .jsonl",
         )
     return LoadedRows(str(path), data, list(range(1, len(data) + 1)))

@@ -18,7 +18,7 @@ from typing import Any
 from phi3tune.model.chat_template import render_conversations
 from phi3tune.data.formats import FORMATS, detect_format, normalise_rows
 from phi3tune.data.load import LoadedRows, load_source
-from phi3tune.data.validate import ValidationResult, validate_conversations
+from phi3tune.data.validate import RowProblem, ValidationResult, rows_shown, validate_conversations
 from phi3tune.errors import DataError
 from phi3tune.model.special_text import DEFAULT_POLICY
 
@@ -37,7 +37,7 @@ class SourceData:
 
     loaded: LoadedRows
     format: str
-    conversations: list[list | None]
+    conversations: list[list | RowProblem | None]
     validation: ValidationResult
 
     def valid_conversations(self) -> list[list[dict]]:
@@ -100,7 +100,8 @@ class DataReport:
             )
             for problem, n in r.invalid.items():
                 first = ", ".join(map(str, r.invalid_first_rows[problem]))
-                lines.append(f"  skipped {n} invalid ({problem}): {r.unit}s {first}{', …' if n > 5 else ''}")
+                more = ", …" if n > rows_shown(problem) else ""
+                lines.append(f"  skipped {n} invalid ({problem}): {r.unit}s {first}{more}")
             for what, n in (("truncated", r.truncated), ("dropped: over max_length", r.dropped_overlength),
                             ("dropped: no trained tokens", r.dropped_no_labels)):  # fmt: skip
                 if n:
@@ -158,7 +159,7 @@ def _new_report(data: SourceData) -> SourceReport:
         unit=data.loaded.unit,
         rows_read=len(data.conversations),
         invalid=v.counts(),
-        invalid_first_rows={k: [n for n, _ in hits[:5]] for k, hits in v.problems.items()},
+        invalid_first_rows={k: [n for n, _ in hits[: rows_shown(k)]] for k, hits in v.problems.items()},
     )
 
 

@@ -27,13 +27,34 @@ NO_ASSISTANT = "no assistant turn"
 WRONG_ORDER = "wrong turn order"
 INVALID_UNICODE = "invalid unicode"
 SPECIAL_TOKEN_TEXT = "special-token text"
+INVALID_JSON = "invalid JSON"
+MALFORMED_TOOLS = "malformed tools"
+MALFORMED_CALL = "malformed tool call"
+UNMATCHED_RESULT = "unmatched tool result"
+INVALID_WEIGHT = "invalid weight"
 PROBLEMS = (
-    NO_MESSAGES, MALFORMED_MESSAGE, UNKNOWN_ROLE, NON_STRING_CONTENT, EMPTY_CONTENT, INVALID_UNICODE,
-    SPECIAL_TOKEN_TEXT, NO_ASSISTANT, WRONG_ORDER,
+    INVALID_JSON, NO_MESSAGES, MALFORMED_MESSAGE, UNKNOWN_ROLE, NON_STRING_CONTENT, EMPTY_CONTENT, INVALID_UNICODE,
+    SPECIAL_TOKEN_TEXT, MALFORMED_TOOLS, MALFORMED_CALL, UNMATCHED_RESULT, INVALID_WEIGHT, NO_ASSISTANT, WRONG_ORDER,
 )  # fmt: skip
 # JSON's "\ud800" escape yields a lone surrogate: a str Python holds but no tokenizer or UTF-8 writer accepts.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 FIRST_ROWS_SHOWN = 5
+# Broken lines are listed further: users fix them by hand, by line number, all in one go.
+_SHOWN = {INVALID_JSON: 10}
+
+
+def rows_shown(problem: str) -> int:
+    """How many row numbers messages list for ``problem`` (then "…" and the total)."""
+    return _SHOWN.get(problem, FIRST_ROWS_SHOWN)
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """A row found wrong before validation (a broken JSON line, a malformed tool call), carried through
+    normalisation in place of its message list so validation reports it with the row's number."""
+
+    problem: str
+    reason: str
 
 
 @dataclass
@@ -59,11 +80,12 @@ class ValidationResult:
         """Problem name → number of rows."""
         return {k: len(v) for k, v in self.problems.items()}
 
-    def summary_lines(self, limit: int = FIRST_ROWS_SHOWN) -> list[str]:
-        """One line per problem: count, the first few row numbers and one example reason."""
+    def summary_lines(self, limit: int | None = None) -> list[str]:
+        """One line per problem: count, the first few row numbers (``rows_shown``) and one example reason."""
         lines = []
         for name, hits in self.problems.items():
-            nums = ", ".join(str(n) for n, _ in hits[:limit]) + (", …" if len(hits) > limit else "")
+            shown = rows_shown(name) if limit is None else limit
+            nums = ", ".join(str(n) for n, _ in hits[:shown]) + (", …" if len(hits) > shown else "")
             lines.append(f"{name}: {len(hits)} ({self.unit}s {nums}; e.g. {self.unit} {hits[0][0]}: {hits[0][1]})")
         return lines
 
@@ -95,6 +117,8 @@ def check_conversation(
     Returns:
         ``(problem, reason)`` or None when the conversation is valid.
     """
+    if isinstance(messages, RowProblem):
+        return messages.problem, messages.reason
     if not isinstance(messages, list) or not messages:
         what = "an empty message list" if isinstance(messages, list) else "no message list"
         return NO_MESSAGES, f"{what} (after format normalisation)"

@@ -13,25 +13,25 @@ from typing import Any
 
 from phi3tune.errors import UsageError
 from phi3tune.model.artefacts import quoted
-from phi3tune.model.targets import RUN_CONFIG, Target
+from phi3tune.model.targets import Target
+from phi3tune.training.layout import EVAL_METRICS, RUN_CONFIG
 
 METRIC_KEYS = ("eval_loss", "perplexity", "token_accuracy")
 TRAINING_METRIC_KEYS = {*METRIC_KEYS, "n_samples", "n_tokens"}
-EVAL_METRICS_FILE = "eval_metrics.json"
 WRITTEN_BY = "phi3tune eval"  # the marker that makes an existing --output file ours to replace
 
 
 def default_output(target: Target) -> Path:
     if target.run_dir is not None:
-        return target.run_dir / EVAL_METRICS_FILE
+        return target.run_dir / EVAL_METRICS
     if Path(target.path).is_dir():
-        return Path(target.path) / EVAL_METRICS_FILE
+        return Path(target.path) / EVAL_METRICS
     raise UsageError(f"{target.path} is a hub id: there is no run folder to write metrics to.",
                      hint="pass --output FILE.json")
 
 
 def generations_path(output: Path) -> Path:
-    if output.name == EVAL_METRICS_FILE:
+    if output.name == EVAL_METRICS:
         return output.with_name("eval_generations.jsonl")
     return output.with_name(f"{output.stem}.generations.jsonl")
 
@@ -46,7 +46,7 @@ def _read_json_object(path: Path) -> dict[str, Any] | None:
 
 def _is_training_time_metrics(path: Path, loaded: dict[str, Any] | None) -> bool:
     """The eval_metrics.json ``phi3tune train`` writes into a run: only the metric keys, in a run folder."""
-    return (path.name == EVAL_METRICS_FILE and loaded is not None and bool(loaded)
+    return (path.name == EVAL_METRICS and loaded is not None and bool(loaded)
             and set(loaded) <= TRAINING_METRIC_KEYS and (path.parent / RUN_CONFIG).is_file())
 
 
@@ -73,7 +73,7 @@ def check_output(output: Path) -> Path:
     output = Path(output).expanduser()
     if output.is_dir():
         raise UsageError(f"--output {output} is a folder; --output names the metrics file.",
-                         hint=f"e.g. --output {quoted(output / EVAL_METRICS_FILE)}")
+                         hint=f"e.g. --output {quoted(output / EVAL_METRICS)}")
     if output.exists() and not output.is_file():
         raise UsageError(f"--output {output} is not a regular file.", hint="give a new .json file path.")
     if output.is_file():

@@ -14,14 +14,7 @@ from types import ModuleType
 
 from phi3tune.fastpath import attention, lora_fused, peft_cast, phi3_layers
 from phi3tune.fastpath.memory import MemoryEstimate, estimate
-from phi3tune.fastpath.policy import (
-    DEFAULT_MAX_LENGTH,
-    FastPathPlan,
-    gpu_memory_bytes,
-    max_length_of,
-    plan_fast_path,
-    resolve_attn_implementation,
-)
+from phi3tune.fastpath.policy import FastPathPlan, gpu_memory_bytes, plan_fast_path, resolve_attn_implementation
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +40,11 @@ def unpatch_all() -> None:
 
 
 __all__ = [
-    "DEFAULT_MAX_LENGTH",
     "FastPathPlan",
     "MemoryEstimate",
     "apply_patches",
     "estimate",
     "gpu_memory_bytes",
-    "max_length_of",
     "plan_fast_path",
     "resolve_attn_implementation",
     "unpatch_all",

@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from phi3tune.config.schema import max_length_of
 from phi3tune.fastpath import attention, memory
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,6 @@ MEMORY_FRACTION = 0.55
 QLORA_MEMORY_BUDGET = 7.5 * 2**30
 # A card size to plan for when there is no GPU to ask (an H100/A100 80GB).
 DEFAULT_GPU_MEMORY_BYTES = 80 * 2**30
-# trl's default when max_length is unset.
-DEFAULT_MAX_LENGTH = 1024
 
 # Keys the policy decides; a null value for one of them in the config means "unset".
 POLICY_KEYS = (
@@ -129,11 +128,6 @@ def gpu_memory_bytes() -> float | None:
     if torch.cuda.is_available():
         return float(torch.cuda.get_device_properties(0).total_memory)
     return None
-
-
-def max_length_of(training_args: Mapping[str, Any]) -> int:
-    """The sequence length the run uses: ``training_config.max_length`` or trl's default."""
-    return int(training_args.get("max_length") or DEFAULT_MAX_LENGTH)
 
 
 def plan_fast_path(

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
+from typing import Iterable
 
 from phi3tune.errors import UsageError
+from phi3tune.training.layout import BASE_MODEL_DIR
 
 MERGE_INCOMPLETE = "MERGE_INCOMPLETE"
 # Prefixes and suffixes of the folders phi3tune writes into before renaming them into place.
@@ -42,7 +44,8 @@ def staging_left_beside(path: Path) -> Path | None:
     return None
 
 
-def _safetensors_problem(path: Path) -> str | None:
+def safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file ``path`` cannot be read (a header that does not cover the file), or None."""
     from safetensors import safe_open
 
     try:
@@ -52,7 +55,8 @@ def _safetensors_problem(path: Path) -> str | None:
         return f"{path.name} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
 
 
-def _json_problem(path: Path) -> str | None:
+def json_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable JSON object, or None."""
     try:
         loaded = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -60,14 +64,35 @@ def _json_problem(path: Path) -> str | None:
     return None if isinstance(loaded, dict) else f"{path.name} is not a JSON object"
 
 
+def folder_problem(folder: Path, required: Iterable[str] = ()) -> str | None:
+    """What is wrong with a saved folder (checkpoint, base model), as a phrase naming the file; None when whole.
+
+    Args:
+        folder: The saved folder.
+        required: File names (globs allowed) of which at least one match must exist each.
+    """
+    for pattern in required:
+        if not any(folder.glob(pattern)):
+            return f"{pattern} is missing"
+    for path in sorted(folder.rglob("*.json")):
+        problem = json_problem(path)
+        if problem:
+            return f"{path.relative_to(folder).parent / problem}".removeprefix("./")
+    for path in sorted(folder.rglob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            return f"{path.relative_to(folder).parent / problem}".removeprefix("./")
+    return None
+
+
 def model_dir_problem(path: Path) -> str | None:
     """Why the full-model folder ``path`` cannot be loaded, or None when it looks complete."""
-    config_problem = _json_problem(path / "config.json")
+    config_problem = json_problem(path / "config.json")
     if config_problem:
         return config_problem
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        index_problem = _json_problem(index)
+        index_problem = json_problem(index)
         if index_problem:
             return index_problem
         shards = sorted(set((json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}).values()))
@@ -81,7 +106,7 @@ def model_dir_problem(path: Path) -> str | None:
                 return None  # pickled weights: refused or allowed by the pickle rule, not here
             return "it holds no weights (*.safetensors)"
     for shard in shards:
-        problem = _safetensors_problem(path / shard)
+        problem = safetensors_problem(path / shard)
         if problem:
             return problem
     return None
@@ -112,7 +137,7 @@ def check_model_dir(path: Path, *, role: str = "model") -> None:
         )
     problem = model_dir_problem(path)
     if problem:
-        if path.name == "base_model":
+        if path.name == BASE_MODEL_DIR:
             hint = (f"the run's base model was cut off while being written (a kill or a full disk): restore "
                     f"{quoted(path)} from a copy of the run, or train the run again into a new folder.")
         else:
@@ -132,7 +157,7 @@ def check_adapter_dir(path: Path) -> None:
             hint=f"use the run's adapter/ folder; if there is none, resume the run "
             f"(phi3tune train CONFIG --output-dir {quoted(path.parent)} --resume).",
         )
-    config_problem = _json_problem(path / "adapter_config.json")
+    config_problem = json_problem(path / "adapter_config.json")
     if config_problem:
         raise UsageError(f"adapter folder {path} is incomplete: {config_problem}.",
                          hint="copy the adapter folder again from where it was trained.")
@@ -144,7 +169,7 @@ def check_adapter_dir(path: Path) -> None:
             f"adapter folder {path} has adapter_config.json but no weights ({ADAPTER_WEIGHTS}).",
             hint="copy the whole adapter folder (adapter_config.json and adapter_model.safetensors) from the run.",
         )
-    problem = _safetensors_problem(weights)
+    problem = safetensors_problem(weights)
     if problem:
         raise UsageError(f"adapter folder {path} is incomplete: {problem}.",
                          hint="copy the adapter folder again from where it was trained.")

@@ -14,7 +14,8 @@ Labels (``loss_on="assistant"``): the content tokens of every assistant turn and
 ``<|end|>`` are trained, so the model learns to stop. The ``<|assistant|>`` marker, the newline
 after ``<|end|>`` (it produces no token) and the final ``<|endoftext|>`` are not: generation stops
 at ``<|end|>`` (it is in Phi-3's ``eos_token_id`` list) and ``<|endoftext|>`` is template padding
-after a turn that is already closed. ``loss_on="all"`` labels every token.
+after a turn that is already closed. ``loss_on="all"`` labels every token. An assistant turn carrying
+``"weight": 0`` (OpenAI's per-message weight) is context: none of its tokens is trained, whatever ``loss_on``.
 """
 
 from __future__ import annotations
@@ -132,7 +133,9 @@ def _fast_batch(
             piece = pieces[k]
             k += 1
             ids.extend(piece)
-            if loss_on == "all":
+            if _weighted_out(m):
+                labels.extend([IGNORE_INDEX] * len(piece))
+            elif loss_on == "all":
                 labels.extend(piece)
             elif m["role"] == "assistant":
                 # The role marker is the piece's first token; content + <|end|> follow it.
@@ -144,6 +147,10 @@ def _fast_batch(
         labels.extend(eos if loss_on == "all" else [IGNORE_INDEX] * len(eos))
         results.append((ids, labels))
     return results
+
+
+def _weighted_out(message: dict) -> bool:
+    return message.get("weight", 1) == 0
 
 
 def _never(_: str) -> bool:
@@ -186,12 +193,10 @@ def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 def _generic(tokenizer: Any, messages: list[dict], loss_on: str) -> tuple[list[int], list[int]]:
     """Template-agnostic path: O(turns²) re-rendering of prefixes; used only when the fast path fails its probe."""
     full = _template_ids(tokenizer, messages)
-    if loss_on == "all":
-        return full, list(full)
-    labels = [IGNORE_INDEX] * len(full)
+    labels = list(full) if loss_on == "all" else [IGNORE_INDEX] * len(full)
     eos_id = tokenizer.eos_token_id
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or (loss_on == "all" and not _weighted_out(m)):
             continue
         prompt = _template_ids(tokenizer, messages[:i], add_generation_prompt=True)
         start = _common_prefix_len(full, prompt)
@@ -200,7 +205,7 @@ def _generic(tokenizer: Any, messages: list[dict], loss_on: str) -> tuple[list[i
         end = _common_prefix_len(full, _template_ids(tokenizer, messages[: i + 1]))
         if end == len(full) and full and full[-1] == eos_id:
             end -= 1  # the closing <|endoftext|> of the whole conversation is not trained (module docstring)
-        labels[start:end] = full[start:end]
+        labels[start:end] = [IGNORE_INDEX] * (end - start) if _weighted_out(m) else full[start:end]
     return full, labels
 
 

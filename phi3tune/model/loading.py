@@ -15,7 +15,8 @@ from typing import Any, Iterator
 
 import torch
 
-from phi3tune.training.checkpoints import settle_tree
+from phi3tune.model.artefacts import folder_problem
+from phi3tune.training.atomic import staged_folder
 from phi3tune.errors import ResourceError, UsageError
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,15 @@ def estimate_lora_parameters(config, lora_config) -> tuple[int, int]:
     return trainable, total
 
 
+def require_device_for(quantization: str | None, device: str) -> None:
+    """QLoRA's bitsandbytes kernels need a CUDA GPU: say so before anything loads."""
+    if quantization and device != "cuda":
+        raise ResourceError(
+            f"model.quantization: {quantization} (QLoRA) needs a CUDA GPU and none is visible.",
+            hint="run on a GPU machine, or --set model.quantization=null to train LoRA in bf16/fp32.",
+        )
+
+
 def load_model(model_cfg: Any, *, dtype: torch.dtype, attn_implementation: str, device: str, seed: int):
     """Load (or randomly initialise) the base model on ``device`` for training.
 
@@ -131,11 +141,7 @@ def load_model(model_cfg: Any, *, dtype: torch.dtype, attn_implementation: str, 
     """
     from transformers import AutoModelForCausalLM
 
-    if model_cfg.quantization and device != "cuda":
-        raise ResourceError(
-            f"model.quantization: {model_cfg.quantization} (QLoRA) needs a CUDA GPU and none is visible.",
-            hint="run on a GPU machine, or remove model.quantization to train LoRA in bf16/fp32.",
-        )
+    require_device_for(model_cfg.quantization, device)
     if model_cfg.random_init is not None:
         config = load_model_config(model_cfg)
         config._attn_implementation = attn_implementation
@@ -221,15 +227,17 @@ def save_base_model(model, tokenizer, directory: Path) -> None:
     Written beside, flushed and renamed into place (replacing a damaged one): a kill or a full disk
     mid-save leaves a ``.tmp-`` folder, never a ``base_model/`` that looks whole.
     """
-    staging = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    phi3_generation_config(model.config).save_pretrained(staging)
-    settle_tree(staging)
-    if directory.exists():
-        old = directory.with_name(f".old-{directory.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(staging, directory)
+    with staged_folder(directory) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        phi3_generation_config(model.config).save_pretrained(staging)
+
+
+# What a saved random_init base needs to load (a kill or full disk during a non-atomic save left a 0-byte
+# config.json).
+BASE_MODEL_REQUIRED = ("config.json", "model*.safetensors", "tokenizer_config.json", "generation_config.json")
+
+
+def base_model_problem(directory: Path) -> str | None:
+    """Why a random_init run's saved ``base_model/`` cannot be used (``missing`` when absent), or None."""
+    return folder_problem(directory, BASE_MODEL_REQUIRED) if directory.exists() else "missing"

@@ -35,10 +35,10 @@ from phi3tune.model.artefacts import (
     staging_left_beside,
 )
 from phi3tune.errors import UsageError
+from phi3tune.training.layout import ADAPTER_DIR, BASE_MODEL_DIR, RUN_CONFIG
 from phi3tune.model.target_names import could_be_hub_id, looks_like_local_path
 
 ADAPTER_CONFIG = "adapter_config.json"
-RUN_CONFIG = "run_config.yaml"
 ALLOW_PICKLE_ENV = "PHI3TUNE_ALLOW_PICKLE"
 
 
@@ -99,7 +99,7 @@ def _adapter_base(adapter_dir: Path) -> str:
     """The base model the adapter was trained on, with the moved-run fallback (see module docstring)."""
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     base = config.get("base_model_name_or_path")
-    sibling = adapter_dir.resolve().parent / "base_model"
+    sibling = adapter_dir.resolve().parent / BASE_MODEL_DIR
     if base and Path(base).is_absolute() and not Path(base).exists():
         if sibling.is_dir():
             return str(sibling)
@@ -114,7 +114,7 @@ def _adapter_base(adapter_dir: Path) -> str:
             return str(sibling)
         _refuse_staged_base(sibling)
         raise UsageError(f"{adapter_dir / ADAPTER_CONFIG} names no base_model_name_or_path.")
-    if Path(base).is_absolute() and Path(base).name == "base_model":
+    if Path(base).is_absolute() and Path(base).name == BASE_MODEL_DIR:
         _refuse_staged_base(Path(base))
     return base
 
@@ -156,8 +156,8 @@ def resolve_target(target: str | Path, *, allow_model: bool = True, allow_hub: b
     if path.is_dir():
         if (path / MERGE_INCOMPLETE).exists() or (is_staging_folder(path) and not (path / ADAPTER_CONFIG).is_file()):
             check_model_dir(path)
-        if (path / "adapter" / ADAPTER_CONFIG).is_file():
-            run_dir, adapter_dir = path, path / "adapter"
+        if (path / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+            run_dir, adapter_dir = path, path / ADAPTER_DIR
         elif (path / ADAPTER_CONFIG).is_file():
             run_dir, adapter_dir = (path.parent if (path.parent / RUN_CONFIG).is_file() else None), path
         elif (path / "config.json").is_file():
@@ -167,7 +167,7 @@ def resolve_target(target: str | Path, *, allow_model: bool = True, allow_hub: b
             check_model_dir(path)
             return Target("model", str(path))
         elif (path / RUN_CONFIG).is_file():
-            staged = staging_left_beside(path / "adapter")
+            staged = staging_left_beside(path / ADAPTER_DIR)
             why = "its adapter was still being saved when it stopped" if staged else "it did not finish"
             raise UsageError(
                 f"{path} is a run without an adapter/ ({why}).",

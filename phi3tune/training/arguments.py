@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from phi3tune.config.schema import max_length_of
 from phi3tune.fastpath import FastPathPlan, plan_fast_path
 from phi3tune.fastpath.memory import PHI3_MINI, ModelShape
+from phi3tune.training.layout import CHECKPOINTS_DIR
 
-CHECKPOINTS_DIR = "checkpoints"
 
 
 def mixed_precision(training_config: dict[str, Any], *, device_type: str, model_dtype: Any) -> dict[str, Any]:
@@ -50,6 +51,7 @@ def build_training_args(cfg: Any, output_dir: Path | None, device: str, dtype: A
     args = mixed_precision(dict(cfg.training_config), device_type=device, model_dtype=dtype)
     plan = plan_fast_path(cfg.model, args, device, gpu_memory=gpu_memory, shape=shape)
     args = plan.args
+    args["max_length"] = max_length_of(args)  # explicit, so SFTConfig and the data path use the same length
     if output_dir is not None:
         args["output_dir"] = str(output_dir / CHECKPOINTS_DIR)
     args.setdefault("report_to", "none")

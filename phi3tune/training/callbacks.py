@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
-from phi3tune.training.checkpoints import atomic_write_text
+from phi3tune.training.atomic import atomic_write_text
 
 _KEEP = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "entropy")
 

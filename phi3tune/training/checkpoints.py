@@ -1,7 +1,6 @@
-"""Complete-checkpoint lookup and atomic file writes.
+"""Complete-checkpoint lookup, and what changed since the run being resumed.
 
-Only checkpoints that finished writing (marked complete) are ever resumed; every file phi3tune writes
-itself goes through a temp file and a rename, with the permissions the user's umask gives.
+Only checkpoints that finished writing (marked complete) are ever resumed.
 """
 
 from __future__ import annotations
@@ -10,16 +9,15 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from phi3tune.errors import UsageError
+from phi3tune.training.atomic import atomic_write_text
 
 COMPLETE_MARKER = "phi3tune_complete.json"
-CHECKPOINTS_DIR = "checkpoints"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -63,54 +61,6 @@ def remove_incomplete_checkpoints(checkpoints_root: Path) -> list[Path]:
     for child in removed:
         shutil.rmtree(child, ignore_errors=True)
     return removed
-
-
-def file_mode() -> int:
-    """The mode a plain ``open()`` would give a new file under the current umask (0644 under umask 022).
-
-    ``mkstemp`` creates its files 0600 whatever the umask; files renamed from it into place get this instead,
-    so a run or merged model can be shared as the user's umask intends. (Reading the umask means setting it
-    for an instant; phi3tune creates no files from other threads meanwhile.)
-    """
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def settle_tree(path: Path) -> None:
-    """Before a saved folder is renamed into place: give every file the umask's mode, and flush it to disk.
-
-    safetensors (and others) write through their own temp files, which leaves them 0600 whatever the umask.
-    """
-    mode = file_mode()
-    for file in path.rglob("*"):
-        if file.is_file() and not file.is_symlink():
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fchmod(fd, mode)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a flushed temp file and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 _COMPARED_SECTIONS = ("model", "data", "training_config", "peft_config")

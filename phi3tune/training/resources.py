@@ -6,6 +6,7 @@ import errno
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from phi3tune.config.schema import max_length_of
 from phi3tune.errors import ResourceError
 
 
@@ -14,7 +15,7 @@ def oom_hints(cfg: Any) -> list[str]:
     tc = cfg.training_config
     batch = int(tc.get("per_device_train_batch_size", 8))
     accum = int(tc.get("gradient_accumulation_steps", 1))
-    max_length = tc.get("max_length", 1024)
+    max_length = max_length_of(tc)
     hints = []
     if batch > 1:
         hints.append(

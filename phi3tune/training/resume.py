@@ -19,13 +19,13 @@ from typing import Any
 from rich.console import Console
 
 from phi3tune.training.checkpoints import (
-    CHECKPOINTS_DIR,
     complete_checkpoints,
     incomplete_checkpoints,
     read_previous_run_config,
 )
 from phi3tune.errors import UsageError
-from phi3tune.training.integrity import folder_problem
+from phi3tune.training.layout import ADAPTER_DIR, CHECKPOINTS_DIR, RUN_CONFIG
+from phi3tune.model.artefacts import folder_problem
 from phi3tune.model.targets import ALLOW_PICKLE_ENV, pickle_allowed
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
@@ -89,7 +89,7 @@ def plan_resume(output_dir: Path, training_config: dict[str, Any]) -> ResumePlan
         UsageError: run_config.yaml is damaged, the checkpoint to resume holds pickles without the opt-in, or
             every complete checkpoint is damaged.
     """
-    read_previous_run_config(output_dir / "run_config.yaml")  # damaged: exit 2 now, not after the model loads
+    read_previous_run_config(output_dir / RUN_CONFIG)  # damaged: exit 2 now, not after the model loads
     root = output_dir / CHECKPOINTS_DIR
     plan = ResumePlan(checkpoint=None, incomplete=incomplete_checkpoints(root))
     for checkpoint in reversed(complete_checkpoints(root)):
@@ -106,7 +106,7 @@ def plan_resume(output_dir: Path, training_config: dict[str, Any]) -> ResumePlan
             hint="delete the damaged checkpoint folder(s) named above and --resume again to start the run over, "
             "or train into another --output-dir.",
         )
-    adapter = output_dir / "adapter"
+    adapter = output_dir / ADAPTER_DIR
     adapter_saved = (adapter / "adapter_config.json").is_file() and any(adapter.glob("adapter_model.*"))
     if plan.checkpoint is not None:
         state = json.loads((plan.checkpoint / "trainer_state.json").read_text(encoding="utf-8"))

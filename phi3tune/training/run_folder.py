@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Iterable
 
 import phi3tune
-from phi3tune.training.checkpoints import CHECKPOINTS_DIR, atomic_write_text
+from phi3tune.training.atomic import atomic_write_text
+from phi3tune.training.layout import ADAPTER_DIR, CHECKPOINTS_DIR, MARKER, RUN_CONFIG
 from phi3tune.errors import UsageError
 
-MARKER = ".phi3tune-run"
-RUN_CONFIG = "run_config.yaml"
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -29,7 +28,7 @@ def is_run_folder(folder: Path) -> bool:
         return True
     # Runs made by phi3tune versions without the marker have run_config.yaml beside checkpoints/ or adapter/;
     # they are still phi3tune's and must stay resumable.
-    return (folder / RUN_CONFIG).is_file() and ((folder / CHECKPOINTS_DIR).is_dir() or (folder / "adapter").is_dir())
+    return (folder / RUN_CONFIG).is_file() and ((folder / CHECKPOINTS_DIR).is_dir() or (folder / ADAPTER_DIR).is_dir())
 
 
 def write_marker(folder: Path) -> None:
@@ -153,7 +152,7 @@ def check_output_dir(
     config_path: Path | None = None,
     data_paths: Iterable[Path] = (),
 ) -> Path:
-    """Validate the run's output directory according to DESIGN.md §3, touching nothing.
+    """Validate the run's output directory by the rules in README ("A run's output directory"), touching nothing.
 
     Refuses the current directory, the home directory, the config's own directory and a file; a non-empty
     directory needs ``resume`` or ``overwrite``, and both act only on a phi3tune run folder. ``overwrite``

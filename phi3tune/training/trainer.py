@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from trl import SFTTrainer
 
-from phi3tune.training.checkpoints import atomic_write_text, complete_checkpoints, settle_tree, mark_complete
+from phi3tune.training.atomic import atomic_write_text, publish_folder
+from phi3tune.training.checkpoints import complete_checkpoints, mark_complete
 from phi3tune.errors import NonFiniteLossError
 from phi3tune.training.resources import nonfinite_hints
 from phi3tune.training.safe_state import has_state, load_state, save_state
@@ -141,12 +142,7 @@ class Phi3Trainer(SFTTrainer):
             self.args.output_dir, self.args.save_total_limit = str(root), limit
         written = staging / f"checkpoint-{step}"
         atomic_write_text(written / RUN_STATE_FILE, json.dumps({"total_train_tokens": int(self._total_train_tokens)}))
-        settle_tree(written)
-        if final.exists():  # the same step saved twice (e.g. a stop request on a save step): move the old aside
-            old = root / f".tmp-old-checkpoint-{step}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(written, final)
+        publish_folder(written, final)  # the same step saved twice (a stop request on a save step) replaces it
         shutil.rmtree(staging, ignore_errors=True)
         mark_complete(final, step)
         if self.state.best_model_checkpoint and str(staging) in self.state.best_model_checkpoint:

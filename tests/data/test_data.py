@@ -114,9 +114,10 @@ def test_system_prompt_added_only_where_missing() -> None:
 
 
 def test_malformed_jsonl_names_line(tmp_path: Path) -> None:
+    # A broken line is an invalid row (issue 14: all of them are listed, on_invalid decides), named by its line.
     path = write_jsonl(tmp_path / "d.jsonl", [chat(), "", '{"messages": [oops]}'])
-    with pytest.raises(DataError, match=r"d\.jsonl: line 3 is not valid JSON"):
-        load_rows(source(path))
+    with pytest.raises(DataError, match=r"(?s)d\.jsonl: 1 invalid line.*invalid JSON: 1 \(lines 3; e\.g\. line 3: not valid"):
+        prepare_datasets(data_cfg(path), tokenizer=None, max_length=64, seed=0)
 
 
 def test_json_csv_parquet(tmp_path: Path) -> None:
@@ -132,8 +133,8 @@ def test_json_csv_parquet(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
     for name in ("a.json", "a.csv", "a.parquet"):
         assert load_rows(source(tmp_path / name)).rows == rows, name
-    (tmp_path / "bad.json").write_text('{"x": 1}')
-    with pytest.raises(DataError, match="expected a JSON list"):
+    (tmp_path / "bad.json").write_text('"x"')
+    with pytest.raises(DataError, match="expected a JSON list of rows, one row object .*found a string"):
         load_rows(source(tmp_path / "bad.json"))
 
 
@@ -158,7 +159,7 @@ def test_hub_offline_is_a_clear_resource_error(monkeypatch) -> None:
 
 BAD_ROWS = {
     "no messages": {"messages": []},
-    "unknown role": {"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
+    "unknown role": {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
     "empty content": chat(assistant="   \n"),
     "non-string content": chat(assistant=None),
     "no assistant turn": {"messages": [{"role": "user", "content": "x"}]},

@@ -293,8 +293,10 @@ def test_deeply_nested_json_is_a_data_error(tmp_path: Path) -> None:
     deep = "[" * 100_000 + "]" * 100_000
     write_jsonl(tmp_path / "deep.jsonl", [chat_row(), deep])
     (tmp_path / "deep.json").write_text(deep)
-    with pytest.raises(DataError, match=r"deep.jsonl: line 2: JSON nested too deeply"):
-        read_source(data_config(tmp_path / "deep.jsonl").train, data_config(tmp_path / "deep.jsonl"))
+    # A too-deep line is a broken line like any other (issue 14): an invalid row named by its line.
+    data = read_source(data_config(tmp_path / "deep.jsonl").train, data_config(tmp_path / "deep.jsonl"))
+    assert data.validation.problems["invalid JSON"] == [(2, "JSON nested too deeply (more levels than Python's "
+                                                            "recursion limit)")]
     with pytest.raises(DataError, match="nested too deeply"):
         read_source(data_config(tmp_path / "deep.json").train, data_config(tmp_path / "deep.json"))
 

@@ -12,19 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import PHI3_ID, needs_hf_home
+from conftest import needs_hf_home
+from helpers import tiny_phi3_config
 from phi3tune.fastpath import attention, peft_cast
 
 
 # --------------------------------------------------------------------------------------------- helpers
 def _tiny_config(sliding_window: int | None = 8):
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(PHI3_ID)
-    for key, value in dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=4, sliding_window=sliding_window).items():  # fmt: skip
-        setattr(cfg, key, value)
-    return cfg
+    return tiny_phi3_config(sliding_window=sliding_window)
 
 
 def _pair(sliding_window: int | None = 8, seed: int = 0):

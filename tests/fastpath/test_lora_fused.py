@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import PHI3_ID, TINY_CONFIG, needs_hf_home
+from conftest import TINY_CONFIG, needs_hf_home
+from helpers import tiny_phi3_config
 from phi3tune.fastpath import lora_fused
 
 # float32: absolute error up to ~1e-6 of the tensor's largest entry (a few ulps after r-long sums)
@@ -215,12 +216,9 @@ def test_bf16_autocast_close_to_peft() -> None:
 def test_tiny_phi3_loss_and_grads_equal_with_and_without_patch(monkeypatch) -> None:
     """A tiny Phi-3 with all-linear LoRA: forward + backward loss and every LoRA gradient unchanged."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(PHI3_ID)
-    for key, value in dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=4).items():  # fmt: skip
-        setattr(cfg, key, value)
+    cfg = tiny_phi3_config()
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PHI3_ID, needs_hf_home
+from conftest import needs_hf_home
+from helpers import tiny_phi3_config
 from phi3tune import fastpath
 from phi3tune.fastpath import attention
 
@@ -23,12 +24,9 @@ STEPS = 30
 
 
 def _tiny_pair(device: str, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(PHI3_ID)
-    for key, value in dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=4, sliding_window=8).items():  # fmt: skip
-        setattr(cfg, key, value)
+    cfg = tiny_phi3_config(intermediate_size=96, sliding_window=8)
     attention.patch()
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).to(device)

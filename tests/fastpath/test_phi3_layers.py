@@ -12,19 +12,17 @@ import copy
 import pytest
 import torch
 
-from conftest import PHI3_ID, needs_hf_home
+from conftest import needs_hf_home
+from helpers import tiny_phi3_config
 from phi3tune.fastpath import attention, phi3_layers
 
 pytestmark = needs_hf_home
 
 
 def _tiny(attn: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(PHI3_ID)
-    for key, value in dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=4, sliding_window=8).items():  # fmt: skip
-        setattr(cfg, key, value)
+    cfg = tiny_phi3_config(intermediate_size=96, sliding_window=8)
     attention.patch()
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)

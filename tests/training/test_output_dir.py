@@ -1,4 +1,4 @@
-"""The output-directory policy of DESIGN.md §3 through the CLI: nothing a user has is clobbered.
+"""The output-directory policy (README, "A run's output directory") through the CLI: nothing a user has is clobbered.
 
 All cases fail (or pass the check) before any weights load, so they run the Typer app in-process.
 """

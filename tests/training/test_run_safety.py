@@ -20,10 +20,12 @@ import torch
 
 import phi3tune
 from conftest import REPO_ROOT, needs_hf_home
-from phi3tune.training.checkpoints import COMPLETE_MARKER, atomic_write_text
+from phi3tune.training.atomic import atomic_write_text
+from phi3tune.training.checkpoints import COMPLETE_MARKER
 from phi3tune.errors import ResourceError, UsageError
 from phi3tune.training.resources import translate_resource_error
-from phi3tune.training.run_folder import MARKER, check_output_dir
+from phi3tune.training.layout import MARKER
+from phi3tune.training.run_folder import check_output_dir
 from phi3tune.training.run_lock import folder_lock
 from helpers import adapter_tensors, cli, losses, train_args, write_train_file
 
