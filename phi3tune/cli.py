@@ -123,12 +123,27 @@ def eval_(
         None, "--output", help="Metrics JSON file (default: RUN/eval_metrics.json); a new file or an earlier eval's."
     ),
     set_: List[str] = typer.Option([], "--set", help="Override a data key: --set data.on_invalid=skip (YAML value)."),
+    generate: bool = typer.Option(False, "--generate", help="Answer every sample (greedy, batched) and score the answers."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="With --generate: tokens per answer (256)."),
+    answer_pattern: Optional[str] = typer.Option(
+        None, "--answer-pattern", help="With --generate: regex whose first group is the answer, e.g. '####\\s*(-?[\\d,\\.]+)'."
+    ),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Sequences per generation batch: auto (from free memory) or N."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks (names or task YAML files), comma-separated."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="With --tasks: at most N documents per task (or a fraction < 1)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0, help="With --tasks: few-shot examples per prompt."),
 ) -> None:
-    """Eval loss, perplexity and token accuracy on assistant tokens, plus sample generations."""
+    """Loss on assistant tokens; with --generate, answers scored against references; with --tasks, lm-eval suites."""
     from phi3tune.evaluate import run_eval
+    from phi3tune.evaluation.options import check_options
 
-    _run(lambda: run_eval(run_or_adapter, config=config, data=data, max_samples=max_samples,
-                          compare_base=compare_base, output=output, overrides=set_, console=console))
+    def body() -> None:
+        options = check_options(generate=generate, max_new_tokens=max_new_tokens, answer_pattern=answer_pattern,
+                                batch_size=batch_size, tasks=tasks, limit=limit, num_fewshot=num_fewshot)
+        run_eval(run_or_adapter, config=config, data=data, max_samples=max_samples, compare_base=compare_base,
+                 output=output, overrides=set_, options=options, console=console)
+
+    _run(body)
 
 
 @app.command("merge-adapter")

@@ -13,6 +13,13 @@ Rows (each in a fresh subprocess, same data, same random base weights):
   lora-plain   the LoRA recipe with model.fast_path.fused_lora/compiled_layers off (same call A/B)
   mem-*        the LoRA recipe with other checkpointing / micro-batches, to check the memory model
   prof-lora    the LoRA recipe under torch.profiler for two steps: top kernels, CPU ops, the GPU's idle gaps
+  gen-lora     `phi3tune eval RUN --generate --compare-base --max-new-tokens 256` on 200 eval chats (issue 13):
+               batched generation, adapter merged in memory, then the base; seconds after loading, tokens/s,
+               the batch size chosen
+  gen-qlora    the same for a QLoRA run on its 4-bit base (adapter unmerged: a 4-bit base cannot be merged)
+  gen-sequential, gen-qlora-sequential
+               the pre-issue-13 path on the same prompts: one `generate` per prompt, adapter then base, on the
+               first --gen-sequential-samples prompts, extrapolated linearly to all of them
 
 Every recipe row also records the dry run's estimated peak (phi3tune.plan.memory_verdict, the same
 policy and memory model `phi3tune train --dry-run` prints) beside the measured one.
@@ -56,6 +63,13 @@ ROWS: dict[str, dict] = {
     "mem-lora-rows2": dict(via="recipe", config=_LORA, sets=["training_config.per_device_train_batch_size=2"]),
     "prof-lora": dict(via="recipe", config=_LORA, profile=True),
 }
+_GEN = dict(via="generate", samples=200, max_new_tokens=256)
+ROWS.update({
+    "gen-lora": dict(_GEN),
+    "gen-qlora": dict(_GEN, quant="4bit"),
+    "gen-sequential": dict(_GEN, via="sequential"),
+    "gen-qlora-sequential": dict(_GEN, via="sequential", quant="4bit", sequential_share=0.5),  # ~2x slower a token
+})
 DEFAULT_ROWS = "stock,lora,qlora,prof-lora"
 
 
@@ -291,6 +305,10 @@ def summarise(meter: Meter, warmup: int) -> dict:
 def run_row(spec: dict, ctx: dict) -> dict:
     import torch
 
+    if spec["via"] in ("generate", "sequential"):
+        from bench_generation import run_generation_row
+
+        return run_generation_row(spec, ctx)
     device = ctx["device"]
     steps, warmup = spec.get("steps", ctx["steps"]), spec.get("warmup", ctx["warmup"])
     meter = Meter()
@@ -445,6 +463,8 @@ def main() -> None:
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on a CPU, few steps: checks the script")
     p.add_argument("--row-timeout", type=int, default=400)
     p.add_argument("--spec", default=None)
+    p.add_argument("--gen-sequential-samples", type=int, default=16,
+                   help="gen-*-sequential rows: prompts measured one by one (the time is extrapolated to all)")
     a = p.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -470,7 +490,9 @@ def main() -> None:
     tmp = Path(a.tmp)
     ctx = dict(device=device, tmp=str(tmp), out=str(out.resolve()), base=str(tmp / ("base-tiny" if tiny else "base")),
                jsonl=str(tmp / f"chats-{a.max_length}.jsonl"), data=str(tmp / f"data-{a.max_length}"),
-               steps=a.steps, warmup=a.warmup, max_length=a.max_length)  # fmt: skip
+               steps=a.steps, warmup=a.warmup, max_length=a.max_length,
+               gen_sequential_samples=min(a.gen_sequential_samples, 4) if tiny else a.gen_sequential_samples,
+               gen_smoke=tiny)  # fmt: skip
     prepare(ctx, tiny, a.samples)
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     print(f"# bench on {gpu}; data {ctx['data_stats']}; base built in {ctx['base_seconds']} s", flush=True)
@@ -499,7 +521,12 @@ def main() -> None:
         res["gpu"] = gpu
         results.append(res)
         stock = next((r for r in results if r["row"] == "stock" and r.get("tokens_per_second")), None)
-        if res.get("tokens_per_second"):
+        if res.get("generation_seconds") is not None:
+            print(f"{name:18s} {res['generation_seconds']:>8.1f} s generation for {res['samples']} samples x "
+                  f"{res['max_new_tokens']} new tokens, adapter + base{res.get('extrapolated', '')}: "
+                  f"{res['generation_tokens_per_second']:,.0f} tok/s, batch {res.get('batch_size', 1)}  "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        elif res.get("tokens_per_second"):
             ratio = res["tokens_per_second"] / stock["tokens_per_second"] if stock else None
             res["ratio_to_stock"] = round(ratio, 2) if ratio else None
             estimate = f" (dry run {res['estimated_peak_gib']} GiB)" if res.get("estimated_peak_gib") else ""

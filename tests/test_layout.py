@@ -9,7 +9,7 @@ from conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "phi3tune"
 VERBS = {"cli", "train", "evaluate", "merge", "chat", "report", "data_check", "plan", "export", "errors", "__main__"}
-SUBPACKAGES = {"config", "data", "model", "training", "fastpath"}
+SUBPACKAGES = {"config", "data", "model", "training", "fastpath", "evaluation"}
 
 
 def _module_name(path: Path) -> str:
