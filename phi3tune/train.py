@@ -228,7 +228,10 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
             console.print(f"[yellow]warning:[/] resuming with a changed setting: {change}", highlight=False)
     if distributed.is_main():
         write_run_config(cfg, output_dir, device=setup.device, attn=setup.fast_path.attn, dtype=setup.dtype,
-                         data_info=data.report.to_dict(), parallel=distributed.layout(args))
+                         data_info=data.report.to_dict(), parallel=distributed.layout(args, setup.device))
+    note = distributed.strategy_note(args, setup.device)
+    if note:
+        console.print(f"[yellow]warning:[/] {note}", highlight=False)
     began = TrainBeganCallback(staged.commit if staged is not None else (lambda: None))
     try:
         trainer = Phi3Trainer(

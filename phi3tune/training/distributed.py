@@ -127,10 +127,15 @@ def share_prepared_data(output_dir: Path, prepare) -> Any:
     return PreparedData(train, eval_, report)
 
 
-def strategy(args: dict[str, Any]) -> str:
-    """How the ranks share the work, from the SFTConfig kwargs: ddp unless FSDP or DeepSpeed is configured."""
+def strategy(args: dict[str, Any], device: str) -> str:
+    """How the ranks share the work, from the SFTConfig kwargs: ddp unless FSDP or DeepSpeed is configured.
+
+    accelerate builds FSDP and DeepSpeed only on accelerators; on a CPU (gloo) it runs DDP whatever is asked.
+    """
     if not is_distributed():
         return "single"
+    if device == "cpu":
+        return "ddp"
     if args.get("deepspeed"):
         return "deepspeed"
     if args.get("fsdp"):
@@ -138,13 +143,22 @@ def strategy(args: dict[str, Any]) -> str:
     return "ddp"
 
 
-def layout(args: dict[str, Any]) -> dict[str, Any]:
+def strategy_note(args: dict[str, Any], device: str) -> str | None:
+    """A warning when the configured strategy cannot run here (FSDP/DeepSpeed asked for on a CPU)."""
+    asked = "deepspeed" if args.get("deepspeed") else "fsdp" if args.get("fsdp") else None
+    if asked and is_distributed() and device == "cpu":
+        return (f"training_config.{asked} is set, but accelerate runs {asked} only on GPUs: these CPU ranks train "
+                "with DDP (same losses, every rank holds the whole model).")
+    return None
+
+
+def layout(args: dict[str, Any], device: str) -> dict[str, Any]:
     """What run_config.yaml records about the parallel layout; the effective batch is per rank x ranks x accumulation."""
     per_rank = int(args.get("per_device_train_batch_size", 8))
     accumulation = int(args.get("gradient_accumulation_steps", 1))
     return {
         "world_size": world_size(),
-        "strategy": strategy(args),
+        "strategy": strategy(args, device),
         "per_rank_batch": per_rank,
         "gradient_accumulation_steps": accumulation,
         "global_batch": per_rank * world_size() * accumulation,

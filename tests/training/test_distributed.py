@@ -179,3 +179,41 @@ def test_exception_on_one_rank_stops_all_and_names_it(tmp_path):
     assert result.returncode == 1, result.stderr[-4000:]
     assert "rank 1: internal error: RuntimeError: injected failure" in result.stderr
     assert "rank 1 of 2 failed" in result.stderr
+
+
+def test_validation_error_reported_once_before_workers_start(tmp_path):
+    started = time.monotonic()
+    result = _phi3tune(*_args(tmp_path / "bad", 4, "--nproc", "2", **{"training_config.max_stepz": 3}))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("error:") == 1 and "max_stepz" in result.stderr
+    assert "rank" not in result.stderr and "torch.distributed" not in result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_nproc_values(monkeypatch):
+    from phi3tune.errors import UsageError
+    from phi3tune.training import launch
+
+    monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: 0)
+    assert launch.resolve_nproc("auto") == 1 and launch.resolve_nproc("3") == 3
+    monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: 8)
+    assert launch.resolve_nproc("auto") == 8
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(UsageError, match="--nproc"):
+            launch.resolve_nproc(bad)
+
+
+def test_layout_and_strategy(monkeypatch):
+    from phi3tune.training import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    args = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 3}
+    assert distributed.layout(args, "cuda") == {"world_size": 4, "strategy": "ddp", "per_rank_batch": 2,
+                                                "gradient_accumulation_steps": 3, "global_batch": 24}
+    fsdp = {**args, "fsdp": "full_shard auto_wrap"}
+    assert distributed.strategy(fsdp, "cuda") == "fsdp" and distributed.strategy_note(fsdp, "cuda") is None
+    # accelerate builds FSDP only on accelerators: a CPU run says it trains with DDP instead.
+    assert distributed.strategy(fsdp, "cpu") == "ddp" and "DDP" in distributed.strategy_note(fsdp, "cpu")
+    assert distributed.trainer_kwargs(args, "cpu")["ddp_backend"] == "gloo"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.strategy(args, "cpu") == "single" and distributed.trainer_kwargs(args, "cpu") == args
