@@ -37,7 +37,7 @@ from phi3tune.training.adapter import final_eval_metrics, save_adapter
 from phi3tune.training.arguments import build_training_args
 from phi3tune.training.callbacks import MetricsFileCallback, ProgressCallback, TrainBeganCallback
 from phi3tune.data.prepare import prepare_datasets
-from phi3tune.training.checkpoints import latest_complete_checkpoint, resume_changes
+from phi3tune.training.checkpoints import latest_complete_checkpoint, read_previous_run_config, resume_changes
 from phi3tune.training import distributed
 from phi3tune.training.layout import ADAPTER_DIR, BASE_MODEL_DIR, CHECKPOINTS_DIR, METRICS, RUN_CONFIG
 from phi3tune.training.resume import ResumePlan, plan_resume
@@ -226,6 +226,10 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
         data_fingerprint = data.report.to_dict().get("fingerprint")
         for change in resume_changes(output_dir / RUN_CONFIG, cfg.to_dict(redact_secrets=True), data_fingerprint):
             console.print(f"[yellow]warning:[/] resuming with a changed setting: {change}", highlight=False)
+        moved = distributed.world_size_change(read_previous_run_config(output_dir / RUN_CONFIG),
+                                              distributed.layout(args, setup.device))
+        if moved:
+            console.print(f"[yellow]warning:[/] {moved}", highlight=False)
     if distributed.is_main():
         write_run_config(cfg, output_dir, device=setup.device, attn=setup.fast_path.attn, dtype=setup.dtype,
                          data_info=data.report.to_dict(), parallel=distributed.layout(args, setup.device))

@@ -175,3 +175,20 @@ def trainer_kwargs(args: dict[str, Any], device: str) -> dict[str, Any]:
     if device != "cpu":
         return args
     return {**args, "use_cpu": True, "ddp_backend": args.get("ddp_backend") or "gloo"}
+
+
+def world_size_change(previous: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """What a resume on a different number of processes changes, or None (same number, or an older run).
+
+    Args:
+        previous: The resumed run's run_config.yaml as a dict.
+        now: ``layout(...)`` of this run.
+    """
+    before = (previous.get("resolved") or {})
+    old = int(before.get("world_size", 1))
+    if old == now["world_size"]:
+        return None
+    old_batch = before.get("global_batch", "?")
+    return (f"the run trained on {old} process(es) and resumes on {now['world_size']}: the data order changes "
+            f"from here, and the global batch is {now['global_batch']} (was {old_batch}); the losses will not "
+            "repeat a straight run's.")

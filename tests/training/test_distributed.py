@@ -217,3 +217,14 @@ def test_layout_and_strategy(monkeypatch):
     assert distributed.trainer_kwargs(args, "cpu")["ddp_backend"] == "gloo"
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed.strategy(args, "cpu") == "single" and distributed.trainer_kwargs(args, "cpu") == args
+
+
+def test_resume_on_another_world_size_warns(monkeypatch):
+    from phi3tune.training import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    now = distributed.layout({"per_device_train_batch_size": 4}, "cpu")
+    assert distributed.world_size_change({"resolved": {"world_size": 2, "global_batch": 8}}, now) is None
+    moved = distributed.world_size_change({"resolved": {"world_size": 1, "global_batch": 8}}, now)
+    assert "1 process(es) and resumes on 2" in moved and "data order" in moved
+    assert "1 process(es)" in distributed.world_size_change({"resolved": {}}, now)  # a run from before this key
