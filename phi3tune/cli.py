@@ -31,9 +31,14 @@ def _debug() -> bool:
     return os.environ.get("PHI3TUNE_DEBUG", "") not in ("", "0", "false")
 
 
+def _rank_prefix() -> str:
+    """Under torchrun each rank's messages say which rank speaks (the launcher names the failing one)."""
+    return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def _fail(exc: Phi3TuneError) -> typer.Exit:
     # Messages are plain text: escaped, so "pip install 'phi3tune[onnx]'" is not read as rich markup.
-    console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
+    console.print(f"[bold red]{_rank_prefix()}error:[/] {escape(exc.message)}", highlight=False)
     if exc.hint:
         console.print(f"[yellow]hint:[/] {escape(exc.hint)}", highlight=False)
     return typer.Exit(exc.exit_code)
@@ -65,7 +70,7 @@ def _run(action: Callable[[], T]) -> T:
         if _debug():
             console.print_exception()
         else:
-            console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}", highlight=False)
+            console.print(f"[bold red]{_rank_prefix()}internal error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
             console.print("rerun with --debug (or PHI3TUNE_DEBUG=1) for the traceback.")
         raise typer.Exit(1)
 
@@ -86,6 +91,8 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print the plan and its peak GPU memory; loads no weights."),
     gpu_memory: Optional[float] = typer.Option(
         None, "--gpu-memory", min=1, help="With --dry-run: plan for a GPU of this many GiB (default: the visible GPU, else 80)."),
+    nproc: Optional[str] = typer.Option(
+        None, "--nproc", help="Train on N processes of this machine through torchrun (DDP); auto = one per visible GPU."),
 ) -> None:
     """Fine-tune Phi-3 with LoRA/QLoRA as the config says."""
     from phi3tune.config.load import load_config
@@ -99,6 +106,19 @@ def train(
 
             print_plan(cfg, console, gpu_memory_gib=gpu_memory)
             return
+        from phi3tune.training import launch
+
+        workers = launch.resolve_nproc(nproc) if nproc is not None and not launch.in_launched_worker() else 1
+        if workers > 1:
+            # Validated once here, before any worker starts; the ranks re-read the same files.
+            from phi3tune.training.run_folder import check_output_dir
+
+            run_dir = check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite, config_path=cfg.source)
+            argv = ["train", str(Path(config).resolve()), "--output-dir", str(run_dir)]
+            argv += [a for item in set_ for a in ("--set", item)]
+            argv += ["--resume"] * resume + ["--overwrite"] * overwrite
+            launch.launch_workers(workers, argv)
+            return
         from phi3tune.training.resources import oom_guard
         from phi3tune.report import print_summary
         from phi3tune.train import run_training
@@ -107,7 +127,8 @@ def train(
             summary = run_training(cfg, resume=resume, overwrite=overwrite, console=console)
         title = "phi3tune: run already finished (nothing resumed)" if summary.already_finished \
             else "phi3tune: training finished"
-        print_summary(summary, console, title=title)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun one summary, from rank 0
+            print_summary(summary, console, title=title)
 
     _run(body)
 

@@ -5,7 +5,11 @@
     train -> adapter -> eval metrics -> report -> summary
 
 LoRA and QLoRA (nf4) through peft, trl's SFTTrainer as the loop, pre-tokenised Phi-3 chat data with
-assistant-only labels, atomic resumable checkpoints, metrics.jsonl, run_config.yaml. One process for now.
+assistant-only labels, atomic resumable checkpoints, metrics.jsonl, run_config.yaml.
+
+Under torchrun / accelerate launch (``phi3tune train --nproc N`` starts torchrun) every rank runs this recipe;
+rank 0 alone checks, locks and writes the run folder and tokenises the data (``training.distributed``), the
+other ranks wait for it at barriers, and transformers' Trainer does DDP (or FSDP/DeepSpeed as configured).
 """
 
 from __future__ import annotations
@@ -33,13 +37,15 @@ from phi3tune.training.adapter import final_eval_metrics, save_adapter
 from phi3tune.training.arguments import build_training_args
 from phi3tune.training.callbacks import MetricsFileCallback, ProgressCallback, TrainBeganCallback
 from phi3tune.data.prepare import prepare_datasets
-from phi3tune.training.checkpoints import latest_complete_checkpoint, resume_changes
+from phi3tune.training.checkpoints import latest_complete_checkpoint, read_previous_run_config, resume_changes
+from phi3tune.training import distributed
 from phi3tune.training.layout import ADAPTER_DIR, BASE_MODEL_DIR, CHECKPOINTS_DIR, METRICS, RUN_CONFIG
 from phi3tune.training.resume import ResumePlan, plan_resume
 from phi3tune.training.run_folder import StagedRunFolder, check_output_dir, leftover_old_runs, write_marker
 from phi3tune.training.run_lock import folder_lock
 from phi3tune.training.run_record import write_run_config
-from phi3tune.training.signals import StopOnSignalCallback, graceful_stop, interrupted_error, stop_at_once
+from phi3tune.training.signals import (StopOnSignalCallback, graceful_stop, interrupted_error, stop_at_once,
+                                      sync_stop)
 from phi3tune.training.trainer import Phi3Trainer
 
 
@@ -61,6 +67,14 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
     ``phi3tune train`` into it exits 2 naming this process. Every fast-path patch is undone at the end.
     """
     console = console or Console(stderr=True)
+    distributed.init(loading.device_type())
+    if not distributed.is_main():
+        # Rank 0 checks and locks the folder; a failure there ends this rank through the launcher.
+        console = Console(stderr=True, quiet=True)
+        try:
+            return _recipe(cfg, Path(cfg.output_dir).expanduser().resolve(), resume=resume, overwrite=overwrite, console=console)
+        finally:
+            unpatch_all()
     rules = dict(resume=resume, overwrite=overwrite, config_path=cfg.source, data_paths=_local_data_paths(cfg))
     output_dir = check_output_dir(cfg.output_dir, **rules)
     with folder_lock(output_dir, "train"):
@@ -82,9 +96,11 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
 def _recipe(cfg, output_dir: Path, *, resume: bool, overwrite: bool, console: Console) -> RunSummary:
     started = time.perf_counter()
     _quiet_libraries()
+    distributed.barrier()  # rank 0 has checked and locked the run folder
 
-    # 1. What --resume continues from, decided before anything loads; a finished run is left as it is.
-    plan = plan_resume(output_dir, cfg.training_config) if resume else None
+    # 1. What --resume continues from, decided before anything loads (by rank 0); a finished run is left as it is.
+    plan = plan_resume(output_dir, cfg.training_config) if resume and distributed.is_main() else None
+    plan = distributed.broadcast(plan)
     if plan is not None and plan.finished:
         return _already_finished(output_dir, plan, console, started)
 
@@ -94,8 +110,10 @@ def _recipe(cfg, output_dir: Path, *, resume: bool, overwrite: bool, console: Co
 
     # 3. Data: validated, rendered with the Phi-3 template, assistant-only labels.
     seed = int(cfg.training_config.get("seed", 42))
-    data = prepare_datasets(cfg.data, setup.tokenizer, max_length=int(setup.fast_path.args["max_length"]), seed=seed,
-                            base_dir=cfg.base_dir)
+    #    Once, by rank 0; the other ranks load its result (the Trainer's sampler gives each rank its shard).
+    data = distributed.share_prepared_data(output_dir, lambda: prepare_datasets(
+        cfg.data, setup.tokenizer, max_length=int(setup.fast_path.args["max_length"]), seed=seed,
+        base_dir=cfg.base_dir))
     for line in data.report.summary_lines():
         console.print(line)
 
@@ -109,17 +127,19 @@ def _recipe(cfg, output_dir: Path, *, resume: bool, overwrite: bool, console: Co
 
     # 5. The run folder: a new run's is staged (an --overwrite's old run moved aside) until trl has accepted
     #    the settings and training begins; any failure before that puts everything back as it was.
-    staged = StagedRunFolder(output_dir, replace=overwrite) if plan is None else None
-    if staged is not None:
-        staged.create()
-    else:
-        write_marker(output_dir)  # a run made before the marker existed gets it now
+    staged = StagedRunFolder(output_dir, replace=overwrite) if plan is None and distributed.is_main() else None
+    with distributed.main_does_it() as mine:
+        if staged is not None:
+            staged.create()
+        elif mine:
+            write_marker(output_dir)  # a run made before the marker existed gets it now
     try:
         trainer, stop, base_model_path = _train(cfg, output_dir, plan, staged, model, data, setup, console)
     except BaseException:
         if staged is not None and staged.rollback():
             console.print(f"[yellow]the previous run in {output_dir} was put back unchanged", highlight=False)
         raise
+    sync_stop(stop)  # a signal after the last step may have reached some ranks only
     if stop.requested:
         raise interrupted_error(trainer, stop, cfg.source, output_dir / CHECKPOINTS_DIR)
 
@@ -178,7 +198,9 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
     args = setup.fast_path.args
     resume_from = None
     if plan is not None:
-        plan.apply(console)
+        with distributed.main_does_it() as mine:
+            if mine:
+                plan.apply(console)
         resume_from = plan.checkpoint
         console.print(f"resuming from {resume_from}" if resume_from else "[yellow]no complete checkpoint: starting over")
     base_model_path = None
@@ -189,7 +211,7 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
         problem = loading.base_model_problem(base_dir)
         if problem not in (None, "missing"):
             console.print(f"[yellow]warning:[/] {base_dir} is incomplete ({problem}); writing it again", highlight=False)
-        if problem:
+        if problem and distributed.is_main():
             loading.save_base_model(model, setup.tokenizer, base_dir)
         base_model_path = str(base_dir)
     if cfg.model.quantization:
@@ -200,17 +222,25 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    if resume_from:
+    if resume_from and distributed.is_main():
         data_fingerprint = data.report.to_dict().get("fingerprint")
         for change in resume_changes(output_dir / RUN_CONFIG, cfg.to_dict(redact_secrets=True), data_fingerprint):
             console.print(f"[yellow]warning:[/] resuming with a changed setting: {change}", highlight=False)
-    write_run_config(cfg, output_dir, device=setup.device, attn=setup.fast_path.attn, dtype=setup.dtype,
-                     data_info=data.report.to_dict())
+        moved = distributed.world_size_change(read_previous_run_config(output_dir / RUN_CONFIG),
+                                              distributed.layout(args, setup.device))
+        if moved:
+            console.print(f"[yellow]warning:[/] {moved}", highlight=False)
+    if distributed.is_main():
+        write_run_config(cfg, output_dir, device=setup.device, attn=setup.fast_path.attn, dtype=setup.dtype,
+                         data_info=data.report.to_dict(), parallel=distributed.layout(args, setup.device))
+    note = distributed.strategy_note(args, setup.device)
+    if note:
+        console.print(f"[yellow]warning:[/] {note}", highlight=False)
     began = TrainBeganCallback(staged.commit if staged is not None else (lambda: None))
     try:
         trainer = Phi3Trainer(
             model=model,
-            args=SFTConfig(**args),
+            args=SFTConfig(**distributed.trainer_kwargs(args, setup.device)),
             train_dataset=data.train,
             eval_dataset=data.eval,
             processing_class=setup.tokenizer,
@@ -249,7 +279,9 @@ def _finish(cfg, output_dir: Path, trainer, tokenizer, data, base_model_path, co
     # The save takes seconds: a first signal lets it finish, a second abandons it (the old adapter, if any, stays).
     with graceful_stop(aborted=f"stopped during the final save: training had finished at step {step}, and the "
                        f"adapter was not saved to {adapter_dir}.", hint=lost_hint) as stop:
-        save_adapter(trainer, tokenizer, adapter_dir, base_model_path)
+        with distributed.main_does_it() as mine:
+            if mine:
+                save_adapter(trainer, tokenizer, adapter_dir, base_model_path)
     next_steps = (f"phi3tune eval {output_dir} computes the eval metrics; phi3tune report {output_dir} draws the "
                   "report.")
     if stop.requested:
@@ -260,7 +292,9 @@ def _finish(cfg, output_dir: Path, trainer, tokenizer, data, base_model_path, co
         )
     with stop_at_once(f"stopped after training: the adapter is saved to {adapter_dir} (step {step}); the final "
                       "evaluation and the report were not written.", hint=next_steps):
-        final_eval_metrics(output_dir, trainer, data.eval)
-        write_report(output_dir)
+        final_eval_metrics(output_dir, trainer, data.eval)  # every rank evaluates its shard; rank 0 writes
+        with distributed.main_does_it() as mine:
+            if mine:
+                write_report(output_dir)
     return summarize_run(output_dir, steps=step, seconds=time.perf_counter() - started)
 

@@ -154,7 +154,8 @@ def load_model(model_cfg: Any, *, dtype: torch.dtype, attn_implementation: str, 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if model_cfg.quantization:
         kwargs["quantization_config"] = quantization_config(model_cfg.quantization)
-        kwargs["device_map"] = {"": 0}
+        # This rank's GPU (accelerate set it from LOCAL_RANK under torchrun; 0 alone), not every rank's GPU 0.
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     with _hub_errors("weights", model_cfg.name_or_path):
         model = AutoModelForCausalLM.from_pretrained(
             model_cfg.name_or_path, revision=model_cfg.revision, token=model_cfg.token, **kwargs

@@ -47,5 +47,6 @@ def final_eval_metrics(output_dir: Path, trainer: Any, eval_dataset: Any) -> dic
         "n_samples": len(eval_dataset),
         "n_tokens": int(sum(sum(1 for t in row if t != -100) for row in eval_dataset["labels"])),
     }
-    atomic_write_json(output_dir / EVAL_METRICS, eval_metrics)
+    if trainer.is_world_process_zero():  # under torchrun every rank evaluated its shard; one writes
+        atomic_write_json(output_dir / EVAL_METRICS, eval_metrics)
     return eval_metrics

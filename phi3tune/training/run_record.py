@@ -34,7 +34,7 @@ def library_versions() -> dict[str, str]:
 
 
 def write_run_config(cfg: Any, output_dir: Path, *, device: str, attn: str, dtype: torch.dtype,
-                     data_info: dict[str, Any]) -> None:
+                     data_info: dict[str, Any], parallel: dict[str, Any] | None = None) -> None:
     """Write ``RUN/run_config.yaml`` atomically."""
     resolved = cfg.to_dict(redact_secrets=True)
     resolved["resolved"] = {
@@ -43,6 +43,7 @@ def write_run_config(cfg: Any, output_dir: Path, *, device: str, attn: str, dtyp
         "dtype": str(dtype).replace("torch.", ""),
         "attn_implementation": attn,
         "output_dir": str(output_dir),
+        **(parallel or {}),  # world_size, strategy, per-rank and global batch (training.distributed.layout)
     }
     resolved["versions"] = library_versions()
     resolved["data_report"] = data_info

@@ -17,6 +17,7 @@ from typing import Iterator
 
 from transformers import TrainerCallback
 
+from phi3tune.training import distributed
 from phi3tune.training.checkpoints import latest_complete_checkpoint
 from phi3tune.errors import TrainingInterrupted
 
@@ -95,6 +96,13 @@ def stop_at_once(message: str, hint: str) -> Iterator[None]:
         yield
 
 
+def sync_stop(request: StopRequest) -> None:
+    """Under torchrun: make a signal received by any rank a stop request on every rank (a no-op alone)."""
+    signum = distributed.max_over_ranks(request.signum or 0)
+    if signum and not request.requested:
+        request.signum = signum
+
+
 class StopOnSignalCallback(TrainerCallback):
     """At the end of the step in which a stop was requested, save a checkpoint and end training."""
 
@@ -104,6 +112,7 @@ class StopOnSignalCallback(TrainerCallback):
         self._announced = False
 
     def on_step_end(self, args, state, control, **kwargs):
+        sync_stop(self.request)  # every rank stops at the same step, whichever the launcher signalled first
         if self.request.requested:
             if not self._announced and self.console is not None:
                 self.console.print(

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from trl import SFTTrainer
 
+from phi3tune.training import distributed
 from phi3tune.training.atomic import atomic_write_text, publish_folder
 from phi3tune.training.checkpoints import complete_checkpoints, mark_complete
 from phi3tune.errors import NonFiniteLossError
@@ -38,8 +39,9 @@ class Phi3Trainer(SFTTrainer):
     """trl's SFTTrainer, with checkpoints that are atomic, pickle-free, finite and exactly resumable.
 
     A crash or kill in the middle of a save leaves at most a ``.tmp-*`` folder, which resume ignores and
-    removes; the previous complete checkpoint is untouched. Limits: one process (no DeepSpeed/FSDP state
-    formats are rewritten — those paths fall back to transformers' own files).
+    removes; the previous complete checkpoint is untouched. Under torchrun every rank writes its own RNG state
+    and rank 0 publishes the checkpoint after a barrier. DeepSpeed/FSDP state formats are not rewritten —
+    those paths fall back to transformers' own files.
     """
 
     _nonfinite_loss_step: int | None = None
@@ -132,22 +134,31 @@ class Phi3Trainer(SFTTrainer):
         root = Path(self.args.output_dir)
         step = self.state.global_step
         staging = root / f".tmp-checkpoint-{step}"
-        shutil.rmtree(staging, ignore_errors=True)
+        writer = self.is_world_process_zero()
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)
+        distributed.barrier()  # no rank writes its part into a staging folder rank 0 is still clearing
         final = root / f"checkpoint-{step}"
         limit = self.args.save_total_limit
         self.args.output_dir, self.args.save_total_limit = str(staging), None
         try:
-            super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial)  # every rank writes its own rng_state_<rank>
         finally:
             self.args.output_dir, self.args.save_total_limit = str(root), limit
-        written = staging / f"checkpoint-{step}"
-        atomic_write_text(written / RUN_STATE_FILE, json.dumps({"total_train_tokens": int(self._total_train_tokens)}))
-        publish_folder(written, final)  # the same step saved twice (a stop request on a save step) replaces it
-        shutil.rmtree(staging, ignore_errors=True)
-        mark_complete(final, step)
+        # Complete only when every rank's part is on disk: rank 0 publishes after all have written.
+        distributed.barrier()
+        if writer:
+            written = staging / f"checkpoint-{step}"
+            atomic_write_text(written / RUN_STATE_FILE,
+                              json.dumps({"total_train_tokens": int(self._total_train_tokens)}))
+            publish_folder(written, final)  # the same step saved twice (a stop request on a save step) replaces it
+            shutil.rmtree(staging, ignore_errors=True)
+            mark_complete(final, step)
         if self.state.best_model_checkpoint and str(staging) in self.state.best_model_checkpoint:
             self.state.best_model_checkpoint = str(final)
-        self._rotate_complete_checkpoints(root, limit)
+        if writer:
+            self._rotate_complete_checkpoints(root, limit)
+        distributed.barrier()  # every rank sees the published checkpoint before going on
 
     def _rotate_complete_checkpoints(self, root: Path, limit: int | None) -> None:
         if not limit or limit <= 0:
