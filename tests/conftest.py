@@ -75,6 +75,14 @@ def trained_run(offline_hf_home: Path | None, tmp_path_factory: pytest.TempPathF
     return out
 
 
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The robustness tests' training file: sample chats with three invalid rows (tests/helpers.py)."""
+    from helpers import write_train_file
+
+    return write_train_file(tmp_path_factory.mktemp("data"))
+
+
 @pytest.fixture(autouse=True)
 def _fast_path_patches_restored():
     """The GPU fast path patches peft and transformers process-wide; no test leaves them on for the next one."""

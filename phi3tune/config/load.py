@@ -33,7 +33,6 @@ __all__ = [
     "DataSource",
     "ModelConfig",
     "RunConfig",
-    "finalize_training_args",
     "load_config",
     "redact",
     "resolve_data_path",
@@ -72,7 +71,7 @@ class RunConfig:
         model: The ``model`` section.
         data: The ``data`` section; local paths are absolute.
         training_config: Kwargs for ``trl.SFTConfig`` (translated and type-checked); pass through
-            ``finalize_training_args`` before use.
+            ``phi3tune.training.arguments.build_training_args`` before use.
         peft_config: Kwargs for ``peft.LoraConfig``; ``target_modules`` resolved to Phi-3 names.
         output_dir: From ``--output-dir`` or ``training_config.output_dir``; None when neither is given.
         source: The config file, or None when built from overrides only.
@@ -294,32 +293,3 @@ def load_config(
         warnings=warnings,
     )
 
-
-def finalize_training_args(training_config: dict[str, Any], *, device_type: str, model_dtype: Any) -> dict[str, Any]:
-    """Choose mixed precision for the device the recipe actually runs on.
-
-    trl's ``SFTConfig`` defaults to ``bf16=True``, which raises on a CPU; the config file cannot know the
-    device, so the recipe calls this once it does. On CPU, mixed precision is switched off. On an
-    accelerator, an explicit ``bf16``/``fp16`` from the user is kept; otherwise it follows the model dtype
-    (bfloat16 → bf16, float16 → fp16, float32 → full precision).
-
-    Args:
-        training_config: ``RunConfig.training_config``; not modified.
-        device_type: ``"cpu"``, ``"cuda"``, ``"mps"``, ...
-        model_dtype: The dtype the model was loaded in (``torch.dtype`` or its name).
-
-    Returns:
-        A new dict ready for ``SFTConfig(**...)``.
-    """
-    args = dict(training_config)
-    dtype = str(model_dtype).removeprefix("torch.")
-    if device_type == "cpu":
-        args["bf16"] = False
-        args["fp16"] = False
-        return args
-    if args.get("bf16") is None and args.get("fp16") in (None, False):
-        args["bf16"] = dtype == "bfloat16"
-        args["fp16"] = dtype == "float16"
-    elif args.get("bf16") is None:
-        args["bf16"] = False  # fp16 was chosen explicitly; trl would otherwise turn bf16 on as well
-    return args

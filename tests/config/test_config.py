@@ -10,7 +10,6 @@ import yaml
 
 from phi3tune.config.load import (
     PHI3_LINEAR_MODULES,
-    finalize_training_args,
     load_config,
     resolve_data_path,
     resolve_target_modules,
@@ -373,13 +372,15 @@ def test_tokens_are_redacted(tmp_path: Path) -> None:
     assert cfg.to_dict(redact_secrets=False)["model"]["token"] == secret
 
 
-def test_finalize_training_args_by_device() -> None:
-    assert finalize_training_args({}, device_type="cpu", model_dtype="bfloat16") == {"bf16": False, "fp16": False}
-    assert finalize_training_args({"bf16": True}, device_type="cpu", model_dtype="float32")["bf16"] is False
-    assert finalize_training_args({}, device_type="cuda", model_dtype="torch.bfloat16") == {"bf16": True, "fp16": False}
-    assert finalize_training_args({}, device_type="cuda", model_dtype="float16") == {"bf16": False, "fp16": True}
-    assert finalize_training_args({}, device_type="cuda", model_dtype="float32") == {"bf16": False, "fp16": False}
-    assert finalize_training_args({"bf16": True}, device_type="cuda", model_dtype="float32")["bf16"] is True
+def test_mixed_precision_by_device() -> None:
+    from phi3tune.training.arguments import mixed_precision
+
+    assert mixed_precision({}, device_type="cpu", model_dtype="bfloat16") == {"bf16": False, "fp16": False}
+    assert mixed_precision({"bf16": True}, device_type="cpu", model_dtype="float32")["bf16"] is False
+    assert mixed_precision({}, device_type="cuda", model_dtype="torch.bfloat16") == {"bf16": True, "fp16": False}
+    assert mixed_precision({}, device_type="cuda", model_dtype="float16") == {"bf16": False, "fp16": True}
+    assert mixed_precision({}, device_type="cuda", model_dtype="float32") == {"bf16": False, "fp16": False}
+    assert mixed_precision({"bf16": True}, device_type="cuda", model_dtype="float32")["bf16"] is True
 
 
 def test_finalized_model_card_config_builds_sft_config(tmp_path: Path) -> None:

@@ -27,15 +27,9 @@ from helpers import (
     pickle_like_files,
     send_signal_at_step,
     train_args,
-    write_train_file,
 )
 
 pytestmark = [needs_hf_home, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_train_file(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,9 @@ import pytest
 import torch
 
 from conftest import needs_hf_home
-from helpers import at_step, cli, nonfinite_tensors, train_args, write_train_file
+from helpers import at_step, cli, nonfinite_tensors, train_args
 
 pytestmark = [needs_hf_home, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_train_file(tmp_path_factory.mktemp("data"))
 
 
 def test_nan_loss_stops_at_its_step_with_exit_3_and_nothing_nonfinite_is_saved(

@@ -27,7 +27,7 @@ from phi3tune.training.resources import translate_resource_error
 from phi3tune.training.layout import MARKER
 from phi3tune.training.run_folder import check_output_dir
 from phi3tune.training.run_lock import folder_lock
-from helpers import adapter_tensors, cli, losses, train_args, write_train_file
+from helpers import adapter_tensors, cli, losses, train_args
 
 pytestmark = needs_hf_home
 
@@ -55,11 +55,6 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 def _run(train_file: Path, out: Path, *extra: str) -> list[str]:
     return train_args(train_file, out, "--set", f"training_config.max_steps={STEPS}", *extra)
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_train_file(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
