@@ -122,8 +122,18 @@ def auto_batch_size(model, prompt_lengths: Sequence[int], max_new_tokens: int) -
     device = next(model.parameters()).device
     if device.type != "cuda":
         return max(1, min(len(prompt_lengths), CPU_AUTO_BATCH))
+    return batch_for_memory(model.config, _compute_dtype(model), prompt_lengths, max_new_tokens,
+                            available_gpu_bytes(device))
+
+
+def available_gpu_bytes(device: torch.device) -> int:
+    """Free device memory plus what PyTorch's allocator holds cached but unused.
+
+    The driver's free figure alone misses the cache: after the base pass freed its KV cache, the adapter pass
+    saw 27 sequences' worth where the base had 179 (H200, docs/benchmarks.md).
+    """
     free, _ = torch.cuda.mem_get_info(device)
-    return batch_for_memory(model.config, _compute_dtype(model), prompt_lengths, max_new_tokens, free)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def _quantized(model) -> bool:

@@ -143,3 +143,15 @@ def test_an_out_of_memory_batch_is_halved_and_retried(monkeypatch: pytest.Monkey
     assert run.batch_size == 2 and seen[:3] == [10, 5, 2]
     with pytest.raises(torch.cuda.OutOfMemoryError):  # an explicit --batch-size is not second-guessed
         generation.generate(model, prompts, max_new_tokens=4, batch_size=8)
+
+
+def test_gpu_memory_for_the_batch_counts_what_the_allocator_holds_cached(monkeypatch) -> None:
+    """The adapter pass runs after the base pass freed its KV cache into PyTorch's cache: that memory is available."""
+    import torch
+
+    from phi3tune.model import generation
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 140 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 90 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * 2**30)
+    assert generation.available_gpu_bytes(torch.device("cuda", 0)) == 80 * 2**30
