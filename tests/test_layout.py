@@ -84,8 +84,8 @@ def test_module_imports_have_no_cycles() -> None:
 
 
 def test_modules_stay_small() -> None:
-    # evaluate.py and attention.py are over the line for now; see docs/design.md "Layout".
-    allowed = {"phi3tune/evaluate.py": 420, "phi3tune/fastpath/attention.py": 360, "phi3tune/data/prepare.py": 340}
+    # attention.py keeps its reference path and kernel glue together (docs/design.md, "Layout").
+    allowed = {"phi3tune/fastpath/attention.py": 360}
     sizes = {str(p.relative_to(REPO_ROOT)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     too_big = {k: v for k, v in sizes.items() if v > allowed.get(k, 330)}
     assert not too_big, too_big

@@ -100,7 +100,8 @@ def _data_config_from_run(run_config: dict[str, Any]):
 
 def _tokenise_file(path: Path, data_cfg: Any, tokenizer, max_length: int):
     """Read, validate and tokenise one data file with the run's data policies."""
-    from phi3tune.data.prepare import SourceReport, read_source, tokenise_conversations
+    from phi3tune.data.prepare import read_source, tokenise_conversations
+    from phi3tune.data.report import SourceReport
 
     if not path.is_file():
         raise UsageError(f"--data {path}: no such file.")
