@@ -15,6 +15,7 @@ from phi3tune.config.load import (
     resolve_target_modules,
 )
 from phi3tune.errors import ConfigError, UsageError
+from phi3tune.training.arguments import mixed_precision
 
 from conftest import REPO_ROOT as REPO
 
@@ -373,8 +374,6 @@ def test_tokens_are_redacted(tmp_path: Path) -> None:
 
 
 def test_mixed_precision_by_device() -> None:
-    from phi3tune.training.arguments import mixed_precision
-
     assert mixed_precision({}, device_type="cpu", model_dtype="bfloat16") == {"bf16": False, "fp16": False}
     assert mixed_precision({"bf16": True}, device_type="cpu", model_dtype="float32")["bf16"] is False
     assert mixed_precision({}, device_type="cuda", model_dtype="torch.bfloat16") == {"bf16": True, "fp16": False}
@@ -390,7 +389,7 @@ def test_finalized_model_card_config_builds_sft_config(tmp_path: Path) -> None:
 
     doc = base_doc(training_config=MODEL_CARD_TRAINING_CONFIG, peft_config=MODEL_CARD_PEFT_CONFIG)
     cfg = load_config(write(tmp_path, doc), output_dir=str(tmp_path / "run"))
-    args = SFTConfig(**finalize_training_args(cfg.training_config, device_type="cpu", model_dtype="float32"))
+    args = SFTConfig(**mixed_precision(cfg.training_config, device_type="cpu", model_dtype="float32"))
     assert args.max_length == 2048 and args.warmup_steps == 0.2 and args.bf16 is False
     assert LoraConfig(**cfg.peft_config).r == 16
 
