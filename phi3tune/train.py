@@ -31,6 +31,7 @@ from phi3tune.errors import TrainingInterrupted, UsageError
 from phi3tune.fastpath import FastPathPlan, apply_patches, unpatch_all
 from phi3tune.fastpath.memory import shape_of
 from phi3tune.model import loading
+from phi3tune.model.artefacts import quoted
 from phi3tune.model.kbit import prepare_kbit_model
 from phi3tune.report import RunSummary, summarize_run, write_report
 from phi3tune.training.adapter import final_eval_metrics, save_adapter
@@ -272,8 +273,8 @@ def _finish(cfg, output_dir: Path, trainer, tokenizer, data, base_model_path, co
     trainer.check_finite_weights()
     final = latest_complete_checkpoint(output_dir / CHECKPOINTS_DIR)
     if final is not None and final.name == f"checkpoint-{step}":
-        lost_hint = (f"the final checkpoint {final.name} is complete: phi3tune train {cfg.source or 'CONFIG'} "
-                     f"--output-dir {output_dir} --resume writes the adapter without training again.")
+        lost_hint = (f"the final checkpoint {final.name} is complete: phi3tune train {quoted(cfg.source or 'CONFIG')} "
+                     f"--output-dir {quoted(output_dir)} --resume writes the adapter without training again.")
     else:
         lost_hint = "no checkpoint holds the final step; run the training again (--resume continues from the newest checkpoint)."
     # The save takes seconds: a first signal lets it finish, a second abandons it (the old adapter, if any, stays).
@@ -282,7 +283,7 @@ def _finish(cfg, output_dir: Path, trainer, tokenizer, data, base_model_path, co
         with distributed.main_does_it() as mine:
             if mine:
                 save_adapter(trainer, tokenizer, adapter_dir, base_model_path)
-    next_steps = (f"phi3tune eval {output_dir} computes the eval metrics; phi3tune report {output_dir} draws the "
+    next_steps = (f"phi3tune eval {quoted(output_dir)} computes the eval metrics; phi3tune report {quoted(output_dir)} draws the "
                   "report.")
     if stop.requested:
         raise TrainingInterrupted(

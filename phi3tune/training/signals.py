@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from phi3tune.training import distributed
 from phi3tune.training.checkpoints import latest_complete_checkpoint
 from phi3tune.errors import TrainingInterrupted
+from phi3tune.model.artefacts import quoted
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
 
@@ -150,6 +151,6 @@ def interrupted_error(trainer, request: StopRequest, config_path: Path | None, c
     return TrainingInterrupted(
         f"{request.name}: training stopped at step {step}/{trainer.state.max_steps}; {where}.",
         exit_code=request.exit_code,
-        hint=f"resume with: phi3tune train {config_path or 'CONFIG'} --output-dir {output_dir} --resume "
+        hint=f"resume with: phi3tune train {quoted(config_path or 'CONFIG')} --output-dir {quoted(output_dir)} --resume "
         "(and the same --set options)",
     )
