@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from phi3tune.errors import Phi3TuneError
+from phi3tune.errors import Phi3TuneError, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -98,6 +98,9 @@ def train(
     from phi3tune.config.load import load_config
 
     def body() -> None:
+        if gpu_memory is not None and not dry_run:
+            raise UsageError("--gpu-memory plans a dry run; it changes nothing in a real run.",
+                             hint="add --dry-run, or leave out --gpu-memory (a run uses the GPU it finds).")
         cfg = load_config(config, set_, output_dir=output_dir, require_output_dir=not dry_run)
         for warning in cfg.warnings:
             console.print(f"[yellow]warning:[/] {warning}", highlight=False)

@@ -265,7 +265,6 @@ def _evaluate(target: Target, output: Path, *, config: Path | None, data: Path |
             "tasks": options.tasks.names, "limit": options.limit, "num_fewshot": options.num_fewshot,
             "lm_eval": harness.lm_eval_version()})
     result["seconds"] = round(time.perf_counter() - started, 2)
-    written = _write(output, result, rows if dataset is not None else None)
     label = "adapter" if target.kind == "adapter" else "model"
     if dataset is not None:
         print_table(result, console)
@@ -276,7 +275,8 @@ def _evaluate(target: Target, output: Path, *, config: Path | None, data: Path |
         harness.print_tasks(result["tasks"], console, adapter_label=label)
     if result.get("data"):
         console.print(f"data: {result['data']}", highlight=False, soft_wrap=True)
-    console.print(written, highlight=False, soft_wrap=True)
+    # Printed first: a write that fails (a full disk) must not take the results with it.
+    console.print(_write(output, result, rows if dataset is not None else None), highlight=False, soft_wrap=True)
 
 
 def _write(output: Path, result: dict[str, Any], rows: list[dict[str, Any]] | None) -> str:

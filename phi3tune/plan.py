@@ -9,12 +9,15 @@ is the memory model's (``phi3tune/fastpath/memory.py``), for the visible GPU or,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from phi3tune.config.paths import not_a_regular_file
 from phi3tune.config.schema import max_length_of
+from phi3tune.errors import DataError
 from phi3tune.fastpath import FastPathPlan, estimate, gpu_memory_bytes
 from phi3tune.fastpath.memory import ModelShape, shape_of
 from phi3tune.model import loading
@@ -83,8 +86,19 @@ def memory_verdict(cfg: Any, plan: FastPathPlan, card_bytes: float, shape: Model
     return verdict
 
 
+def _check_local_data(cfg: Any) -> None:
+    """The dry run loads no data, but a data file that is not there fails the run: say so now."""
+    for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        path = getattr(source, "path", None) if source is not None else None
+        if path and "://" not in str(path):
+            why = not_a_regular_file(Path(path))
+            if why:
+                raise DataError(f"{key}: {path}: {why}.", hint=f"fix {key}.path, or --set {key}.path=FILE")
+
+
 def print_plan(cfg: Any, console: Console, *, gpu_memory_gib: float | None = None) -> MemoryVerdict:
     """Print model, data, LoRA targets, the fast-path decisions and the estimated peak GPU memory."""
+    _check_local_data(cfg)
     here = loading.device_type()
     visible = gpu_memory_bytes()
     card = gpu_memory_gib * GIB if gpu_memory_gib is not None else (visible or DEFAULT_PLAN_GPU_GIB * GIB)

@@ -174,7 +174,8 @@ def print_summary(summary: RunSummary, console: Console, *, title: str) -> None:
     table.add_row("train loss", f"{_fmt(summary.first_loss)} -> {_fmt(summary.final_loss)}")
     ev = summary.eval_metrics
     if ev.get("eval_loss") is not None:
-        table.add_row("eval loss", f"{_fmt(ev.get('eval_loss'))} (perplexity {_fmt(ev.get('perplexity'), '.2f')})")
+        samples = f", {ev['n_samples']} samples" if ev.get("n_samples") else ""
+        table.add_row("eval loss", f"{_fmt(ev.get('eval_loss'))} (perplexity {_fmt(ev.get('perplexity'), '.2f')}{samples})")
     if summary.tokens is not None:
         rate = f", {summary.tokens_per_second:,.0f} tokens/s (median)" if summary.tokens_per_second else ""
         table.add_row("tokens", f"{summary.tokens:,}{rate}")

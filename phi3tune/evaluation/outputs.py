@@ -8,6 +8,7 @@ the generations file beside it new or an earlier eval's; a folder or any other f
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,15 @@ def check_output(output: Path) -> Path:
         UsageError: ``output`` is a folder or something else, or an existing file eval did not write.
     """
     output = Path(output).expanduser()
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--output {output}: {parent} is a file, not a folder.",
+                                 hint="give a path under a folder.")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UsageError(f"--output {output}: cannot write in {parent} (permission denied).",
+                                 hint="give a path in a folder you can write to.")
+            break
     if output.is_dir():
         raise UsageError(f"--output {output} is a folder; --output names the metrics file.",
                          hint=f"e.g. --output {quoted(output / EVAL_METRICS)}")

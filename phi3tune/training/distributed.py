@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from phi3tune.data.prepare import PreparedData
+from phi3tune.errors import Phi3TuneError
 
 # Where rank 0 leaves the tokenised data for the other ranks (beside the run folder, so every node of a
 # shared-filesystem cluster sees it, and outside it, so a failed start leaves the run folder untouched).
@@ -94,6 +96,19 @@ def prepared_data_dir(output_dir: Path) -> Path:
     return output_dir.parent / f".{output_dir.name}{_PREPARED_SUFFIX}"
 
 
+@dataclass
+class _PrepareFailed:
+    exit_code: int
+
+
+class PeerFailed(Phi3TuneError):
+    """Another rank failed first and said why; this one stops with the same exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def share_prepared_data(output_dir: Path, prepare) -> Any:
     """Tokenise once: rank 0 runs ``prepare()`` and saves the splits; the other ranks load them.
 
@@ -109,13 +124,21 @@ def share_prepared_data(output_dir: Path, prepare) -> Any:
     staging = prepared_data_dir(output_dir)
     report = None
     if is_main():
-        prepared = prepare()
-        shutil.rmtree(staging, ignore_errors=True)
-        prepared.train.save_to_disk(str(staging / "train"))
-        if prepared.eval is not None:
-            prepared.eval.save_to_disk(str(staging / "eval"))
+        try:
+            prepared = prepare()
+            shutil.rmtree(staging, ignore_errors=True)
+            prepared.train.save_to_disk(str(staging / "train"))
+            if prepared.eval is not None:
+                prepared.eval.save_to_disk(str(staging / "eval"))
+        except BaseException as exc:
+            # The others wait in the broadcast below: tell them, or they die of a closed connection (or hang).
+            broadcast(_PrepareFailed(getattr(exc, "exit_code", 1)))
+            raise
         report = prepared.report
     report = broadcast(report)
+    if isinstance(report, _PrepareFailed):
+        raise PeerFailed("rank 0 could not prepare the data (its message is above); this rank stopped too.",
+                         exit_code=report.exit_code)
     if is_main():
         barrier()  # the others have loaded it
         shutil.rmtree(staging, ignore_errors=True)

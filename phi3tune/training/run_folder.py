@@ -71,6 +71,9 @@ def check_writable(folder: Path) -> None:
     probe = folder.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot create {folder}: {probe} is a file, not a folder.",
+                         hint="choose an --output-dir under a folder.")
     needed = [probe] + ([folder] if folder.is_dir() else [])
     for path in needed:
         if not os.access(path, os.W_OK | os.X_OK):

@@ -25,6 +25,14 @@ def lock_path(folder: Path) -> Path:
     return folder.with_name(f".{folder.name}.phi3tune-lock")
 
 
+def _blocked_by(folder: Path) -> str | None:
+    """A file standing where a parent folder of ``folder`` should be, said as a reason; None if there is none."""
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is a file, not a folder"
+    return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -54,9 +62,17 @@ def folder_lock(folder: Path, purpose: str) -> Iterator[None]:
         UsageError: Another live process holds the lock (exit 2, naming its pid and purpose).
     """
     path = lock_path(folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {path.parent} for {folder}: {_blocked_by(path.parent) or exc.strerror}.",
+                         hint="choose a folder whose parents are folders you can write to.") from exc
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise UsageError(f"cannot write in {path.parent} ({exc.strerror}).",
+                             hint="choose a folder you can write to.") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

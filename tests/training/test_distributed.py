@@ -228,3 +228,14 @@ def test_resume_on_another_world_size_warns(monkeypatch):
     moved = distributed.world_size_change({"resolved": {"world_size": 1, "global_batch": 8}}, now)
     assert "1 process(es) and resumes on 2" in moved and "data order" in moved
     assert "1 process(es)" in distributed.world_size_change({"resolved": {}}, now)  # a run from before this key
+
+
+def test_data_that_fails_on_rank_0_stops_the_others_with_one_clear_line(tmp_path):
+    """Regression: rank 0 raised before its broadcast, so rank 1 died with gloo's 'Connection closed by peer'."""
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text("{not json\n{also not json\n")
+    result = _phi3tune(*_args(tmp_path / "bad-data", 4, "--nproc", "2", **{"data.train": json.dumps(str(bad))}),
+                       timeout=180)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "internal error" not in result.stderr and "Connection closed" not in result.stderr
+    assert "rank 1: error: rank 0 could not prepare the data" in result.stderr
