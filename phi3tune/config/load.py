@@ -247,8 +247,7 @@ def load_config(
         problems.append("data: missing section; give at least data.train (a file path or {hub: ..., split: ...})")
     else:
         if doc["data"].get("eval") is not None and doc["data"].get("eval_fraction") is not None:
-            # pydantic skips the model-level check when a field fails; report this one regardless.
-            problems.append(EVAL_CONFLICT)
+            problems.append(EVAL_CONFLICT)  # the one check of it: reported with the section's other problems
         try:
             data = DataConfig.model_validate(doc["data"])
         except ValidationError as exc:

@@ -181,12 +181,6 @@ class DataConfig(_Strict):
         # `train: data/train.jsonl` is the most common form; treat a bare string as a local path.
         return {"path": value} if isinstance(value, str) else value
 
-    @model_validator(mode="after")
-    def _one_eval_source(self) -> DataConfig:
-        if self.eval is not None and self.eval_fraction is not None:
-            raise ValueError(EVAL_CONFLICT.removeprefix("data: "))
-        return self
-
 
 def resolve_data_path(path: str | Path, base_dir: str | Path) -> Path:
     """Resolve a data path from a config file to an absolute path.

@@ -233,9 +233,7 @@ def prepare_datasets(
     on_overlength = getattr(data_cfg, "on_overlength", "truncate") or "truncate"
     special_tokens = getattr(data_cfg, "special_tokens_in_text", DEFAULT_POLICY) or DEFAULT_POLICY
     eval_fraction = getattr(data_cfg, "eval_fraction", None)
-    eval_source = getattr(data_cfg, "eval", None)
-    if eval_source is not None and eval_fraction:
-        raise DataError("both data.eval and data.eval_fraction are set", hint="keep one of them")
+    eval_source = getattr(data_cfg, "eval", None)  # never both: the config loader refuses that (EVAL_CONFLICT)
 
     sources = {"train": read_source(data_cfg.train, data_cfg, base_dir)}
     if eval_source is not None:
