@@ -222,7 +222,7 @@ def _merge_into(target: Target, staging: Path, out: Path, *, verify: bool, conso
 
     merged = merged.to(save_dtype)
     _save(merged, tokenizer, staging)
-    console.print(f"saved merged model ({_name(save_dtype)}) to {staging}", highlight=False)
+    console.print(f"saved merged model ({_name(save_dtype)}); checking the saved files before they become {out}", highlight=False)
     unsafe = _only_safe_files(staging)
     if unsafe:
         _fail(staging, out, result, f"unexpected non-safetensors/JSON files in {staging}: {unsafe}")
