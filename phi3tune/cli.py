@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from phi3tune.errors import Phi3TuneError, UsageError
+from phi3tune.errors import Phi3TuneError, TrainingInterrupted, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -36,7 +36,13 @@ def _rank_prefix() -> str:
     return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
+def _other_rank() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+
+
 def _fail(exc: Phi3TuneError) -> typer.Exit:
+    if isinstance(exc, TrainingInterrupted) and _other_rank():
+        return typer.Exit(exc.exit_code)  # every rank stopped at the same step; rank 0 says so once
     # Messages are plain text: escaped, so "pip install 'phi3tune[onnx]'" is not read as rich markup.
     console.print(f"[bold red]{_rank_prefix()}error:[/] {escape(exc.message)}", highlight=False)
     if exc.hint:
@@ -102,8 +108,9 @@ def train(
             raise UsageError("--gpu-memory plans a dry run; it changes nothing in a real run.",
                              hint="add --dry-run, or leave out --gpu-memory (a run uses the GPU it finds).")
         cfg = load_config(config, set_, output_dir=output_dir, require_output_dir=not dry_run)
-        for warning in cfg.warnings:
-            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        if not _other_rank():  # under torchrun, rank 0 speaks for all
+            for warning in cfg.warnings:
+                console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         if dry_run:
             from phi3tune.plan import print_plan
 

@@ -151,6 +151,6 @@ def interrupted_error(trainer, request: StopRequest, config_path: Path | None, c
     return TrainingInterrupted(
         f"{request.name}: training stopped at step {step}/{trainer.state.max_steps}; {where}.",
         exit_code=request.exit_code,
-        hint=f"resume with: phi3tune train {quoted(config_path or 'CONFIG')} --output-dir {quoted(output_dir)} --resume "
-        "(and the same --set options)",
+        hint=f"resume with: phi3tune train {quoted(config_path or 'CONFIG')} --output-dir {quoted(output_dir)} --resume"
+        + (f" --nproc {trainer.args.world_size}" if trainer.args.world_size > 1 else "") + " (and the same --set options)",
     )
