@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from phi3tune.data.prepare import PreparedData
-from phi3tune.errors import Phi3TuneError
+from phi3tune.errors import Phi3TuneError, UsageError
 
 # Where rank 0 leaves the tokenised data for the other ranks (beside the run folder, so every node of a
 # shared-filesystem cluster sees it, and outside it, so a failed start leaves the run folder untouched).
@@ -96,6 +96,21 @@ def prepared_data_dir(output_dir: Path) -> Path:
     return output_dir.parent / f".{output_dir.name}{_PREPARED_SUFFIX}"
 
 
+_PREPARED_MARKER = "phi3tune-prepared-data"
+
+
+def _fresh_prepared_dir(staging: Path) -> None:
+    """An empty folder for the shared data, marked as phi3tune's; one left by a killed run of ours is replaced,
+    anything else of that name is the user's and is left alone."""
+    if staging.exists():
+        if not (staging / _PREPARED_MARKER).is_file():
+            raise UsageError(f"{staging} exists and was not made by phi3tune; it is left alone.",
+                             hint="move it away, or choose another --output-dir.")
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    (staging / _PREPARED_MARKER).write_text("tokenised data shared between ranks; removed when they have loaded it\n")
+
+
 @dataclass
 class _PrepareFailed:
     exit_code: int
@@ -126,7 +141,7 @@ def share_prepared_data(output_dir: Path, prepare) -> Any:
     if is_main():
         try:
             prepared = prepare()
-            shutil.rmtree(staging, ignore_errors=True)
+            _fresh_prepared_dir(staging)
             prepared.train.save_to_disk(str(staging / "train"))
             if prepared.eval is not None:
                 prepared.eval.save_to_disk(str(staging / "eval"))

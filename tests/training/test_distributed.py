@@ -239,3 +239,21 @@ def test_data_that_fails_on_rank_0_stops_the_others_with_one_clear_line(tmp_path
     assert result.returncode == 2, result.stderr[-3000:]
     assert "internal error" not in result.stderr and "Connection closed" not in result.stderr
     assert "rank 1: error: rank 0 could not prepare the data" in result.stderr
+
+
+def test_a_user_folder_named_like_the_shared_data_is_left_alone(tmp_path, monkeypatch):
+    """The ranks' shared data lives beside the run folder: a folder of that name phi3tune did not make is not deleted."""
+    from phi3tune.errors import UsageError
+    from phi3tune.training import distributed
+
+    out = tmp_path / "run"
+    mine = distributed.prepared_data_dir(out)
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not made by phi3tune"):
+        distributed._fresh_prepared_dir(mine)
+    assert (mine / "keep.txt").read_text() == "mine"
+    (mine / "keep.txt").unlink()
+    (mine / distributed._PREPARED_MARKER).write_text("")
+    distributed._fresh_prepared_dir(mine)  # ours, left by a killed run: replaced
+    assert [p.name for p in mine.iterdir()] == [distributed._PREPARED_MARKER]
