@@ -9,7 +9,6 @@ is the memory model's (``phi3tune/fastpath/memory.py``), for the visible GPU or,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -88,12 +87,10 @@ def memory_verdict(cfg: Any, plan: FastPathPlan, card_bytes: float, shape: Model
 
 def _check_local_data(cfg: Any) -> None:
     """The dry run loads no data, but a data file that is not there fails the run: say so now."""
-    for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        path = getattr(source, "path", None) if source is not None else None
-        if path and "://" not in str(path):
-            why = not_a_regular_file(Path(path))
-            if why:
-                raise DataError(f"{key}: {path}: {why}.", hint=f"fix {key}.path, or --set {key}.path=FILE")
+    for key, path in cfg.local_data_files():
+        why = not_a_regular_file(path)
+        if why:
+            raise DataError(f"{key}: {path}: {why}.", hint=f"fix {key}.path, or --set {key}.path=FILE")
 
 
 def print_plan(cfg: Any, console: Console, *, gpu_memory_gib: float | None = None) -> MemoryVerdict:

@@ -3,7 +3,6 @@ same table the end of ``phi3tune train`` prints. Works for any run, finished or 
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from rich.table import Table
 
 from phi3tune.training.atomic import atomic_write
 from phi3tune.errors import UsageError
+from phi3tune.model.artefacts import read_json_object
 from phi3tune.training.layout import ADAPTER_DIR, EVAL_METRICS, METRICS, REPORT
 from phi3tune.training.metrics import RunMetrics, read_metrics
 
@@ -112,11 +112,8 @@ def _read_eval_metrics(run_dir: Path) -> tuple[dict[str, Any], str | None]:
     path = run_dir / EVAL_METRICS
     if not path.is_file():
         return {}, None
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return {}, f"{EVAL_METRICS} is unreadable"
-    return (loaded, None) if isinstance(loaded, dict) else ({}, f"{EVAL_METRICS} is unreadable")
+    loaded = read_json_object(path)
+    return (loaded, None) if loaded is not None else ({}, f"{EVAL_METRICS} is unreadable")
 
 
 def summarize_run(run_dir: Path, *, steps: int | None = None, seconds: float | None = None,

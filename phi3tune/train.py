@@ -76,7 +76,7 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, console:
             return _recipe(cfg, Path(cfg.output_dir).expanduser().resolve(), resume=resume, overwrite=overwrite, console=console)
         finally:
             unpatch_all()
-    rules = dict(resume=resume, overwrite=overwrite, config_path=cfg.source, data_paths=_local_data_paths(cfg))
+    rules = dict(resume=resume, overwrite=overwrite, config_path=cfg.source, data_paths=[path for _, path in cfg.local_data_files()])
     output_dir = check_output_dir(cfg.output_dir, **rules)
     with folder_lock(output_dir, "train"):
         check_output_dir(output_dir, **rules)  # again under the lock: another process may have written it meanwhile
@@ -110,10 +110,9 @@ def _recipe(cfg, output_dir: Path, *, resume: bool, overwrite: bool, console: Co
     apply_patches(setup.fast_path)
 
     # 3. Data: validated, rendered with the Phi-3 template, assistant-only labels.
-    seed = int(cfg.training_config.get("seed", 42))
     #    Once, by rank 0; the other ranks load its result (the Trainer's sampler gives each rank its shard).
     data = distributed.share_prepared_data(output_dir, lambda: prepare_datasets(
-        cfg.data, setup.tokenizer, max_length=int(setup.fast_path.args["max_length"]), seed=seed,
+        cfg.data, setup.tokenizer, max_length=int(setup.fast_path.args["max_length"]), seed=cfg.seed,
         base_dir=cfg.base_dir))
     for line in data.report.summary_lines():
         console.print(line)
@@ -124,7 +123,7 @@ def _recipe(cfg, output_dir: Path, *, resume: bool, overwrite: bool, console: Co
     for note in setup.fast_path.notes:
         console.print(note)
     model = loading.load_model(cfg.model, dtype=setup.dtype, attn_implementation=setup.fast_path.attn,
-                               device=setup.device, seed=seed)
+                               device=setup.device, seed=cfg.seed)
 
     # 5. The run folder: a new run's is staged (an --overwrite's old run moved aside) until trl has accepted
     #    the settings and training begins; any failure before that puts everything back as it was.
@@ -160,7 +159,7 @@ def _setup(cfg, output_dir: Path) -> Setup:
     device = loading.device_type()
     dtype = loading.resolve_dtype(cfg.model.dtype, device, cfg.model.quantization)
     loading.require_device_for(cfg.model.quantization, device)
-    set_seed(int(cfg.training_config.get("seed", 42)))
+    set_seed(cfg.seed)
     tokenizer = loading.load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.token)
     model_config = loading.load_model_config(cfg.model)
     lora_config = loading.build_lora_config(cfg.peft_config, loading.leaf_module_names(model_config))
@@ -168,16 +167,6 @@ def _setup(cfg, output_dir: Path) -> Setup:
     fast_path = build_training_args(cfg, output_dir, device, dtype,
                                     shape=shape_of(model_config, trainable=trainable, total=total))
     return Setup(device, dtype, tokenizer, lora_config, fast_path)
-
-
-def _local_data_paths(cfg) -> list[Path]:
-    """The run's local data files (resolved by the config loader); hub datasets have none."""
-    paths = []
-    for source in (cfg.data.train, cfg.data.eval):
-        path = getattr(source, "path", None) if source is not None else None
-        if path and "://" not in str(path):
-            paths.append(Path(path))
-    return paths
 
 
 def _already_finished(output_dir: Path, plan: ResumePlan, console: Console, started: float) -> RunSummary:
@@ -227,13 +216,14 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
         data_fingerprint = data.report.to_dict().get("fingerprint")
         for change in resume_changes(output_dir / RUN_CONFIG, cfg.to_dict(redact_secrets=True), data_fingerprint):
             console.print(f"[yellow]warning:[/] resuming with a changed setting: {change}", highlight=False)
-        moved = distributed.world_size_change(read_previous_run_config(output_dir / RUN_CONFIG),
-                                              distributed.layout(args, setup.device))
+    parallel = distributed.layout(args, setup.device)
+    if resume_from and distributed.is_main():
+        moved = distributed.world_size_change(read_previous_run_config(output_dir / RUN_CONFIG), parallel)
         if moved:
             console.print(f"[yellow]warning:[/] {moved}", highlight=False)
     if distributed.is_main():
         write_run_config(cfg, output_dir, device=setup.device, attn=setup.fast_path.attn, dtype=setup.dtype,
-                         data_info=data.report.to_dict(), parallel=distributed.layout(args, setup.device))
+                         data_info=data.report.to_dict(), parallel=parallel)
     note = distributed.strategy_note(args, setup.device)
     if note:
         console.print(f"[yellow]warning:[/] {note}", highlight=False)

@@ -88,6 +88,20 @@ class RunConfig:
     base_dir: Path
     warnings: list[str] = dataclasses.field(default_factory=list)
 
+    @property
+    def seed(self) -> int:
+        """The run's seed (trl's default when unset)."""
+        return int(self.training_config.get("seed", 42))
+
+    def local_data_files(self) -> list[tuple[str, Path]]:
+        """``(key, path)`` of the run's local data files (resolved paths); hub datasets have none."""
+        found = []
+        for key, source in (("data.train", self.data.train), ("data.eval", self.data.eval)):
+            path = getattr(source, "path", None) if source is not None else None
+            if path and "://" not in str(path):
+                found.append((key, Path(path)))
+        return found
+
     def to_dict(self, redact_secrets: bool = True) -> dict[str, Any]:
         """Return the resolved config as plain YAML-able data (for ``run_config.yaml``).
 

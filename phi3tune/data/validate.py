@@ -32,10 +32,6 @@ MALFORMED_TOOLS = "malformed tools"
 MALFORMED_CALL = "malformed tool call"
 UNMATCHED_RESULT = "unmatched tool result"
 INVALID_WEIGHT = "invalid weight"
-PROBLEMS = (
-    INVALID_JSON, NO_MESSAGES, MALFORMED_MESSAGE, UNKNOWN_ROLE, NON_STRING_CONTENT, EMPTY_CONTENT, INVALID_UNICODE,
-    SPECIAL_TOKEN_TEXT, MALFORMED_TOOLS, MALFORMED_CALL, UNMATCHED_RESULT, INVALID_WEIGHT, NO_ASSISTANT, WRONG_ORDER,
-)  # fmt: skip
 # JSON's "\ud800" escape yields a lone surrogate: a str Python holds but no tokenizer or UTF-8 writer accepts.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 FIRST_ROWS_SHOWN = 5

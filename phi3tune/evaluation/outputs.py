@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3tune.errors import UsageError
-from phi3tune.model.artefacts import quoted
+from phi3tune.model.artefacts import quoted, read_json_object
 from phi3tune.model.targets import Target
 from phi3tune.training.layout import EVAL_METRICS, RUN_CONFIG
 
@@ -35,14 +35,6 @@ def generations_path(output: Path) -> Path:
     if output.name == EVAL_METRICS:
         return output.with_name("eval_generations.jsonl")
     return output.with_name(f"{output.stem}.generations.jsonl")
-
-
-def _read_json_object(path: Path) -> dict[str, Any] | None:
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
-    return loaded if isinstance(loaded, dict) else None
 
 
 def _is_training_time_metrics(path: Path, loaded: dict[str, Any] | None) -> bool:
@@ -87,7 +79,7 @@ def check_output(output: Path) -> Path:
     if output.exists() and not output.is_file():
         raise UsageError(f"--output {output} is not a regular file.", hint="give a new .json file path.")
     if output.is_file():
-        loaded = _read_json_object(output)
+        loaded = read_json_object(output)
         ours = loaded is not None and loaded.get("written_by") == WRITTEN_BY
         if not (ours or _is_training_time_metrics(output, loaded)):
             raise UsageError(
@@ -116,7 +108,7 @@ def previous_training_eval(output: Path) -> dict[str, Any] | None:
     """The training-time metrics found at ``output`` (kept, not clobbered), if any."""
     if not output.is_file():
         return None
-    previous = _read_json_object(output)
+    previous = read_json_object(output)
     if previous is None:
         return None
     if previous.get("written_by") == WRITTEN_BY:

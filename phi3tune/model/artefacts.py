@@ -17,10 +17,10 @@ from typing import Iterable
 
 from phi3tune.errors import UsageError
 from phi3tune.training.layout import BASE_MODEL_DIR
+from phi3tune.training.atomic import STAGING_PREFIX
 
 MERGE_INCOMPLETE = "MERGE_INCOMPLETE"
 # Prefixes and suffixes of the folders phi3tune writes into before renaming them into place.
-STAGING_PREFIX = ".tmp-"
 MERGE_STAGING_SUFFIX = ".phi3tune-merge"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
@@ -55,13 +55,24 @@ def safetensors_problem(path: Path) -> str | None:
         return f"{path.name} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
 
 
-def json_problem(path: Path) -> str | None:
-    """Why ``path`` is not a readable JSON object, or None."""
+def read_json_object(path: Path) -> dict | None:
+    """``path``'s JSON object; None when it is missing, unreadable, not JSON or not an object."""
     try:
         loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def json_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable JSON object, or None."""
+    if read_json_object(path) is not None:
+        return None
+    try:  # only on the failure path: say which failure it is
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return f"{path.name} is empty or not valid JSON"
-    return None if isinstance(loaded, dict) else f"{path.name} is not a JSON object"
+    return f"{path.name} is not a JSON object"
 
 
 def folder_problem(folder: Path, required: Iterable[str] = ()) -> str | None:
@@ -92,10 +103,10 @@ def model_dir_problem(path: Path) -> str | None:
         return config_problem
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        index_problem = json_problem(index)
-        if index_problem:
-            return index_problem
-        shards = sorted(set((json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}).values()))
+        loaded = read_json_object(index)
+        if loaded is None:
+            return json_problem(index)
+        shards = sorted(set((loaded.get("weight_map") or {}).values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             return f"weight shard(s) {', '.join(missing[:3])} named in {index.name} are missing"

@@ -7,8 +7,6 @@ weights turns into one clear message (exit 2 or 3) instead of a traceback.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator

@@ -36,7 +36,7 @@ from phi3tune.model.artefacts import (
 )
 from phi3tune.errors import UsageError
 from phi3tune.training.layout import ADAPTER_DIR, BASE_MODEL_DIR, RUN_CONFIG
-from phi3tune.model.target_names import could_be_hub_id, looks_like_local_path
+from phi3tune.model.target_names import could_be_hub_id
 
 ADAPTER_CONFIG = "adapter_config.json"
 ALLOW_PICKLE_ENV = "PHI3TUNE_ALLOW_PICKLE"

@@ -6,16 +6,14 @@ Only checkpoints that finished writing (marked complete) are ever resumed.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from phi3tune.errors import UsageError
-from phi3tune.training.atomic import atomic_write_text
+from phi3tune.training.atomic import STAGING_PREFIX, atomic_write_text
 
 COMPLETE_MARKER = "phi3tune_complete.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -52,15 +50,7 @@ def incomplete_checkpoints(checkpoints_root: Path) -> list[Path]:
     if not checkpoints_root.is_dir():
         return []
     return sorted(child for child in checkpoints_root.iterdir() if child.is_dir() and (
-        child.name.startswith(".tmp-") or (_CHECKPOINT_RE.match(child.name) and not is_complete(child))))
-
-
-def remove_incomplete_checkpoints(checkpoints_root: Path) -> list[Path]:
-    """Delete half-written checkpoints (no marker, or temp dirs); return what was removed."""
-    removed = incomplete_checkpoints(checkpoints_root)
-    for child in removed:
-        shutil.rmtree(child, ignore_errors=True)
-    return removed
+        child.name.startswith(STAGING_PREFIX) or (_CHECKPOINT_RE.match(child.name) and not is_complete(child))))
 
 
 _COMPARED_SECTIONS = ("model", "data", "training_config", "peft_config")

@@ -23,7 +23,7 @@ import torch
 from trl import SFTTrainer
 
 from phi3tune.training import distributed
-from phi3tune.training.atomic import atomic_write_text, publish_folder
+from phi3tune.training.atomic import STAGING_PREFIX, atomic_write_text, publish_folder
 from phi3tune.training.checkpoints import complete_checkpoints, mark_complete
 from phi3tune.errors import NonFiniteLossError
 from phi3tune.training.resources import nonfinite_hints
@@ -133,7 +133,7 @@ class Phi3Trainer(SFTTrainer):
         self.check_finite_weights()
         root = Path(self.args.output_dir)
         step = self.state.global_step
-        staging = root / f".tmp-checkpoint-{step}"
+        staging = root / f"{STAGING_PREFIX}checkpoint-{step}"
         writer = self.is_world_process_zero()
         if writer:
             shutil.rmtree(staging, ignore_errors=True)
