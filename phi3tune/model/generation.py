@@ -15,7 +15,10 @@ A LoRA adapter is merged into the weights in memory for its pass (``adapter_merg
 runs only the base matmul, so the adapter adds no per-token cost. A 4-bit (QLoRA) base cannot be merged
 without re-quantising, which would change the model that was trained: there the fastest correct path is
 the same batching with the adapter unmerged (two thin extra matmuls per layer, small next to the 4-bit
-dequantisation every layer already pays).
+dequantisation every layer already pays), its weights in the compute dtype for the pass: peft loads them in
+float32, so every LoRA product of the prefill made float32 ``[tokens, out_features]`` temporaries, and the
+first 4-bit adapter batch ran out of memory and was halved (H200: batch 95 where the base pass had 191).
+Training computed those products in bf16 under autocast, so this is also the arithmetic that was trained.
 """
 
 from __future__ import annotations
@@ -102,12 +105,15 @@ def _compute_dtype(model) -> torch.dtype:
 
 
 def batch_for_memory(config, dtype: torch.dtype, prompt_lengths: Sequence[int], max_new_tokens: int,
-                     free_bytes: int) -> int:
+                     free_bytes: int, adapter_unmerged: bool = False) -> int:
     """The largest batch whose KV cache and prefill activations fit in ``MEMORY_SHARE`` of ``free_bytes`` (capped)."""
     elem = torch.finfo(dtype).bits // 8
     longest_prompt = max(prompt_lengths)
     # Prefill keeps the MLP's gate/up output, its activation and a few hidden-size tensors per token.
-    prefill = (3 * config.intermediate_size + 6 * config.hidden_size) * elem * longest_prompt
+    per_token = 3 * config.intermediate_size + 6 * config.hidden_size
+    if adapter_unmerged:  # gate_up's LoRA product and the sum it is added into
+        per_token += 4 * config.intermediate_size
+    prefill = per_token * elem * longest_prompt
     if getattr(config, "_attn_implementation", "sdpa") == "eager":  # eager materialises the score matrix
         prefill += config.num_attention_heads * longest_prompt**2 * 4
     per_sequence = kv_bytes_per_token(config, dtype) * (longest_prompt + max_new_tokens) + prefill
@@ -123,7 +129,7 @@ def auto_batch_size(model, prompt_lengths: Sequence[int], max_new_tokens: int) -
     if device.type != "cuda":
         return max(1, min(len(prompt_lengths), CPU_AUTO_BATCH))
     return batch_for_memory(model.config, _compute_dtype(model), prompt_lengths, max_new_tokens,
-                            available_gpu_bytes(device))
+                            available_gpu_bytes(device), adapter_unmerged=bool(_active_unmerged_lora(model)))
 
 
 def available_gpu_bytes(device: torch.device) -> int:
@@ -142,17 +148,43 @@ def _quantized(model) -> bool:
                 or getattr(base, "hf_quantizer", None) is not None)
 
 
+def _active_unmerged_lora(model) -> list[torch.nn.Parameter]:
+    """The LoRA weights an answer computes with: those of active, enabled, unmerged LoRA layers."""
+    params = []
+    for module in model.modules():
+        if hasattr(module, "lora_A") and not getattr(module, "merged", True) and not getattr(module, "disable_adapters", True):
+            for name in module.active_adapters:
+                for part in (module.lora_A, module.lora_B):
+                    if name in part:
+                        params.extend(part[name].parameters())
+    return params
+
+
+@contextlib.contextmanager
+def _adapter_in_dtype(model, dtype: torch.dtype) -> Iterator[None]:
+    """The unmerged adapter's weights in ``dtype`` for the duration; the originals are put back exactly."""
+    saved = [(p, p.data) for p in _active_unmerged_lora(model) if p.dtype != dtype]
+    for param, data in saved:
+        param.data = data.to(dtype)
+    try:
+        yield
+    finally:
+        for param, data in saved:
+            param.data = data
+
+
 @contextlib.contextmanager
 def adapter_merged(model) -> Iterator[bool]:
     """Merge a LoRA adapter into the weights for the duration (in memory only); yields whether it merged.
 
-    Nothing is merged for a full model or a quantized base (see the module docstring). Unmerging
-    subtracts the same delta again, which is exact only up to rounding: callers run every base pass
-    before this one.
+    Nothing is merged for a full model or a quantized base (see the module docstring): there the adapter
+    runs unmerged, in the compute dtype. Unmerging subtracts the same delta again, which is exact only up
+    to rounding: callers run every base pass before this one.
     """
     mergeable = hasattr(model, "merge_adapter") and hasattr(model, "disable_adapter") and not _quantized(model)
     if not mergeable:
-        yield False
+        with _adapter_in_dtype(model, _compute_dtype(model)):
+            yield False
         return
     model.merge_adapter()
     try:
@@ -199,6 +231,10 @@ def _generate_batch(model, prompts: list[list[int]], max_new_tokens: int, on_ste
                               pad_token_id=loading.PHI3_EOS_ID, use_cache=True, cache_implementation="static",
                               disable_compile=True)
     criteria = StoppingCriteriaList([_Ticker(on_step)]) if on_step is not None else None
+    # transformers sizes every later static cache to the longest one seen (to spare recompiles), so a batch of
+    # short prompts after a long one would attend over the long one's length at every step.
+    for module in model.modules():
+        module.__dict__.pop("_previous_max_cache_length", None)
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                          stopping_criteria=criteria)
     return [_trim(row, max_new_tokens) for row in out[:, width:].tolist()]

@@ -164,9 +164,45 @@ def test_decoding_writes_a_static_cache_in_place_without_compiling() -> None:
 
     class Model(torch.nn.Linear):
         def generate(self, input_ids, attention_mask, generation_config, stopping_criteria):
-            seen.update(cache=generation_config.cache_implementation, no_compile=generation_config.disable_compile)
+            seen.update(cache=generation_config.cache_implementation, no_compile=generation_config.disable_compile,
+                        sticky_length=hasattr(self, "_previous_max_cache_length"))
             return torch.cat([input_ids, torch.full((len(input_ids), 1), loading.PHI3_END_ID)], dim=1)
 
-    answers = generation._generate_batch(Model(2, 2), [[1, 2], [3]], max_new_tokens=4, on_step=None)
+    model = Model(2, 2)
+    model._previous_max_cache_length = 4096  # what transformers leaves after a batch of long prompts
+    answers = generation._generate_batch(model, [[1, 2], [3]], max_new_tokens=4, on_step=None)
     assert [a.stopped for a in answers] == [True, True]
-    assert seen == {"cache": "static", "no_compile": True}
+    # ...and this batch's cache is sized for its own prompts, not the longest batch before it.
+    assert seen == {"cache": "static", "no_compile": True, "sticky_length": False}
+
+
+def test_an_unmerged_adapter_answers_in_the_compute_dtype_and_is_restored_exactly(phi3_tokenizer) -> None:
+    """A 4-bit base cannot be merged: its adapter runs unmerged, cast from peft's float32 to the compute dtype
+    for the pass (float32 LoRA products over the prefill ran the first 4-bit adapter batch out of memory)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Phi3ForCausalLM
+
+    from helpers import tiny_phi3_config
+
+    model = get_peft_model(Phi3ForCausalLM(tiny_phi3_config()).to(torch.bfloat16),
+                           LoraConfig(r=4, target_modules=["qkv_proj"], task_type="CAUSAL_LM"))
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in lora:
+        p.data = torch.randn_like(p, dtype=torch.float32)  # as PeftModel.from_pretrained loads them
+    before = [p.detach().clone() for p in lora]
+    assert len(generation._active_unmerged_lora(model)) == len(lora)
+    with model.disable_adapter():
+        assert generation._active_unmerged_lora(model) == []  # the base pass computes with no adapter weight
+    with generation._adapter_in_dtype(model, torch.bfloat16):
+        assert {p.dtype for p in lora} == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 and torch.equal(p, b) for p, b in zip(lora, before))
+
+
+def test_an_unmerged_adapter_leaves_room_for_its_prefill_products(phi3_tokenizer) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained("microsoft/Phi-3-mini-4k-instruct")
+    merged = generation.batch_for_memory(config, torch.bfloat16, [1000] * 256, 256, 100 * 2**30)
+    unmerged = generation.batch_for_memory(config, torch.bfloat16, [1000] * 256, 256, 100 * 2**30,
+                                           adapter_unmerged=True)
+    assert unmerged < merged
