@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import needs_hf_home
-from helpers import cli
+from conftest import TINY_CONFIG, needs_hf_home
+from helpers import cli, tiny_phi3_config
 from phi3tune import export, merge
-from phi3tune.model import onnx_export, onnx_verify
+from phi3tune.model import loading, onnx_export, onnx_verify
 from phi3tune.model.onnx_runtime import EXPORT_INCOMPLETE, EXTRA_INSTALL, GENAI_CONFIG, load_genai
 
 needs_onnx = pytest.mark.skipif(
@@ -169,18 +169,32 @@ def test_qlora_adapter_export_matches_its_merged_model(trained_run: Path, tmp_pa
     assert check["passed"] and check["prompts_identical"] == check["n_prompts"]
 
 
+def _tiny_base(folder: Path) -> Path:
+    """configs/tiny.yaml's random-init model saved as an ordinary model folder, as a real base is loaded."""
+    from transformers import AutoModelForCausalLM
+
+    model_cfg = yaml.safe_load(TINY_CONFIG.read_text())["model"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_phi3_config(**model_cfg["random_init"]))
+    loading.save_base_model(model, loading.load_tokenizer(model_cfg["name_or_path"]), folder)
+    return folder
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
                     reason="a real QLoRA run needs a CUDA GPU and bitsandbytes")
 @heavy
 def test_real_qlora_run_exports_exactly(tmp_path: Path) -> None:
-    from conftest import TINY_CONFIG
-
+    # A random_init model cannot be loaded in 4 bit (train refuses the pair): the base is saved first and the
+    # run loads it from its folder through bitsandbytes, as QLoRA loads a real checkpoint.
     run = tmp_path / "qlora"
-    result = cli(["train", str(TINY_CONFIG), "--output-dir", str(run), "--set", "model.quantization=4bit",
-                  "--set", "model.dtype=bfloat16", "--set", "training_config.max_steps=20"])
+    result = cli(["train", str(TINY_CONFIG), "--output-dir", str(run),
+                  "--set", f"model.name_or_path={_tiny_base(tmp_path / 'base')}", "--set", "model.random_init=null",
+                  "--set", "model.quantization=4bit", "--set", "model.dtype=bfloat16",
+                  "--set", "training_config.max_steps=20"])
     assert result.exit_code == 0, result.output
     result = _export(run, tmp_path / "onnx", "--precision", "fp32")
     assert result.exit_code == 0, result.output
+    assert "QLoRA adapter (4bit): merging into the unquantized base" in result.output
     assert _report(tmp_path / "onnx")["verification"]["prompts_identical"] == len(merge.VERIFY_CONVERSATIONS)
 
 
