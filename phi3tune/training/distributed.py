@@ -227,6 +227,9 @@ def trainer_kwargs(args: dict[str, Any], device: str) -> dict[str, Any]:
         # What runs is DDP or one process (strategy_note says why): transformers would refuse FSDP on one
         # process, and accelerate ignores it on a CPU.
         args = {k: v for k, v in args.items() if k not in ("fsdp", "fsdp_config")}
+    elif args.get("fsdp"):
+        # transformers rewrites fsdp_config in place (prefixes stripped, defaults added): give it its own copy.
+        args = {**args, "fsdp_config": dict(args.get("fsdp_config") or {})}
     if not is_distributed():
         return args
     # LoRA uses every adapter weight in each forward: DDP's search for unused ones is a wasted graph walk.
