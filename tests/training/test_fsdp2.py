@@ -11,7 +11,9 @@ internals. So here:
   on a model sharded by torch's own ``fully_shard`` over 2 gloo ranks (``fsdp2_ranks.py``), checked against the
   same model trained in one process; the config checks; a CPU run with ``fsdp: true`` trains DDP and says so.
 - GPU (skipped without 2 CUDA GPUs): ``phi3tune train --nproc 2`` with FSDP2 against DDP, one adapter that plain
-  peft loads, pickle-free complete checkpoints, SIGTERM and an exact resume.
+  peft loads, pickle-free complete checkpoints, SIGTERM and an exact resume. On a machine with >= 2 GPUs:
+
+      python -m pytest -q -rs tests/training/test_fsdp2.py
 """
 
 from __future__ import annotations
@@ -300,4 +302,5 @@ def test_fsdp2_sigterm_saves_one_checkpoint_and_resume_reproduces(gpu_runs, tmp_
     assert (out / "checkpoints" / f"checkpoint-{stopped_at}" / "phi3tune_complete.json").is_file()
     resumed = run_phi3tune(*_args(out, "--nproc", "2", "--resume", **FSDP2), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert_same_losses(losses(out), losses(gpu_runs["fsdp2"]), rel=1e-5)
+    # 1e-4, not the CPU suite's 1e-5: CUDA's fp32 attention backward may add in a different order on each run.
+    assert_same_losses(losses(out), losses(gpu_runs["fsdp2"]), rel=1e-4)
