@@ -123,7 +123,8 @@ def _recipe(cfg, output_dir: Path, *, resume: bool, overwrite: bool, console: Co
     for note in setup.fast_path.notes:
         console.print(note)
     model = loading.load_model(cfg.model, dtype=setup.dtype, attn_implementation=setup.fast_path.attn,
-                               device=setup.device, seed=cfg.seed)
+                               device=setup.device, seed=cfg.seed,
+                               sharded=distributed.strategy(setup.fast_path.args, setup.device) == "fsdp")
 
     # 5. The run folder: a new run's is staged (an --overwrite's old run moved aside) until trl has accepted
     #    the settings and training begins; any failure before that puts everything back as it was.
@@ -270,9 +271,10 @@ def _finish(cfg, output_dir: Path, trainer, tokenizer, data, base_model_path, co
     # The save takes seconds: a first signal lets it finish, a second abandons it (the old adapter, if any, stays).
     with graceful_stop(aborted=f"stopped during the final save: training had finished at step {step}, and the "
                        f"adapter was not saved to {adapter_dir}.", hint=lost_hint) as stop:
+        state_dict = trainer.adapter_state_dict()  # FSDP2: every rank gathers its shards; else None
         with distributed.main_does_it() as mine:
             if mine:
-                save_adapter(trainer, tokenizer, adapter_dir, base_model_path)
+                save_adapter(trainer, tokenizer, adapter_dir, base_model_path, state_dict)
     next_steps = (f"phi3tune eval {quoted(output_dir)} computes the eval metrics; phi3tune report {quoted(output_dir)} draws the "
                   "report.")
     if stop.requested:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -150,3 +153,34 @@ def nonfinite_tensors(root: Path) -> list[str]:
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 bad.append(f"{path.relative_to(root)}:{key}")
     return bad
+
+
+# ---- several processes (issue 11): real launches, each a subprocess -----------------------------------------
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment, with the repository importable and unbuffered, wide output (for the messages looked for)."""
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300", "PYTHONPATH": path, **extra}
+
+
+def run_phi3tune(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """``python -m phi3tune ARGS`` in a subprocess (``--nproc N`` starts the ranks through torchrun's API)."""
+    return subprocess.run([sys.executable, "-m", "phi3tune", *args], capture_output=True, text=True,
+                          env=subprocess_env(**env), timeout=timeout, cwd=REPO_ROOT)
+
+
+def torchrun_command(*launcher: str, args: list[str]) -> list[str]:
+    """``torchrun LAUNCHER... -m phi3tune ARGS`` as an argv."""
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "phi3tune", *args]
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Until ``run``'s metrics.jsonl has reached ``step`` (fails if ``proc`` ends first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").is_file() and any(r.get("step", 0) >= step for r in metrics_rows(run)):
+            return
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached")

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from phi3tune.config.fields import check_against_dataclass, dataclass_field_types, did_you_mean
+from phi3tune.config.fsdp import check_fsdp_with, take_fsdp
 from phi3tune.config.legacy import translate_legacy
 from phi3tune.config.parse import SECTIONS, apply_override, pydantic_problems, read_yaml
 from phi3tune.config.schema import EVAL_CONFLICT, DataConfig, DataSource, ModelConfig, resolve_data_path
@@ -267,10 +268,14 @@ def load_config(
         except ValidationError as exc:
             problems.extend(pydantic_problems(exc, "data", DataConfig))
 
-    tc, tc_problems = check_against_dataclass(doc.get("training_config") or {}, _sft_config_cls(), "training_config")
+    raw_tc = dict(doc.get("training_config") or {})
+    sharding = take_fsdp(raw_tc, base_dir, problems, warnings)  # typed loosely by transformers: checked there
+    tc, tc_problems = check_against_dataclass(raw_tc, _sft_config_cls(), "training_config")
+    tc.update(sharding)
     peft, peft_problems = check_against_dataclass(doc.get("peft_config") or {}, _lora_config_cls(), "peft_config")
     problems += tc_problems + peft_problems
     _check_values(tc, peft, problems, warnings)
+    check_fsdp_with(tc, model.quantization if model is not None else None, problems, warnings)
     peft.setdefault("task_type", "CAUSAL_LM")
 
     out_dir = output_dir if output_dir is not None else tc.get("output_dir")

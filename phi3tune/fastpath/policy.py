@@ -15,6 +15,12 @@ The levers, each measured in docs/benchmarks.md:
   the fused projections (``phi3_layers.py``); Liger's kernels for the same three only where that is off.
 * ``model.fast_path.fused_lora``: each LoRA linear fused with its frozen base (``lora_fused.py``).
 * LoRA inputs stay bf16 under autocast (``peft_cast.py``); pinned, persistent dataloader workers.
+
+Under ``training_config.fsdp`` (FSDP2) the fused kernels (compiled layers, fused LoRA linears, Liger) are off:
+they were measured and tested on one GPU with whole weights, and FSDP2 hands them weights it all-gathers before
+each layer and frees after it; until a multi-GPU run has checked them against the plain path
+(tests/training/test_fsdp2.py), the plain PyTorch layers run. Packing, token-budget micro-batches and the varlen
+kernel work on the batch, not the weights, and stay on.
 """
 
 from __future__ import annotations
@@ -209,19 +215,26 @@ def plan_fast_path(
     # 3. Phi-3's compiled layers (else Liger's kernels), fused LoRA linears, bf16 LoRA inputs.
     compiled_layers = _switch(model_cfg, "compiled_layers", PHI3_LAYERS_ENV, env)
     fused_lora = _switch(model_cfg, "fused_lora", LORA_FUSED_ENV, env)
+    sharded = bool(args.get("fsdp"))
+    if sharded:
+        compiled_layers = fused_lora = False
+        note = ("fast path: compiled Phi-3 layers, Liger kernels and fused LoRA linears off under training_config.fsdp "
+                "(FSDP2): not yet verified on weights FSDP2 gathers and frees per layer; plain PyTorch layers run")
+        log.info(note)
+        plan.notes.append(note)
     if compiled_layers:
         plan.patches.append("phi3_layers")
         plan.notes.append("fast path: Phi-3 residual+RMSNorm, qkv split+RoPE and SwiGLU fused by torch.compile "
                           "(model.fast_path.compiled_layers)")
         # Liger would patch the same modules per instance; its kernels are redundant here.
         choose("use_liger_kernel", False, "phi3tune's compiled layers cover RMSNorm, RoPE and SwiGLU")
-    elif _liger_available():
+    elif _liger_available() and not sharded:
         choose("use_liger_kernel", True, "Liger RMSNorm + RoPE + SwiGLU kernels")
         if args.get("use_liger_kernel") and "liger_kernel_config" not in user:
             # trl's chunked LM head already computes the loss without logits: Liger's cross-entropy stays off.
             args["liger_kernel_config"] = {"rope": True, "rms_norm": True, "swiglu": True,
                                            "cross_entropy": False, "fused_linear_cross_entropy": False}
-    else:
+    elif not sharded:
         plan.notes.append("fast path: compiled layers off and Liger not installed (pip install 'phi3tune[fast]'): "
                           "plain PyTorch RMSNorm/RoPE/SwiGLU")
     if args.get("bf16") or args.get("fp16"):
@@ -230,7 +243,7 @@ def plan_fast_path(
     if fused_lora:
         plan.patches.append("lora_fused")
         plan.notes.append("fast path: fused base + LoRA linears (model.fast_path.fused_lora)")
-    else:
+    elif not sharded:
         plan.notes.append("fast path: fused LoRA linears off")
 
     # 4. Activation checkpointing: off when it fits, else every n-th layer, else all.

@@ -131,11 +131,13 @@ def require_device_for(quantization: str | None, device: str) -> None:
         )
 
 
-def load_model(model_cfg: Any, *, dtype: torch.dtype, attn_implementation: str, device: str, seed: int):
+def load_model(model_cfg: Any, *, dtype: torch.dtype, attn_implementation: str, device: str, seed: int,
+               sharded: bool = False):
     """Load (or randomly initialise) the base model on ``device`` for training.
 
     ``random_init`` builds a Phi3ForCausalLM from the real config with the configured sizes, seeded so two
-    runs with the same seed start from the same weights.
+    runs with the same seed start from the same weights. ``sharded`` (FSDP2) stores QLoRA's 4-bit weights in
+    ``dtype``, which FSDP2 can shard (its default uint8 storage is left whole on every GPU by accelerate).
     """
     from transformers import AutoModelForCausalLM
 
@@ -151,7 +153,8 @@ def load_model(model_cfg: Any, *, dtype: torch.dtype, attn_implementation: str, 
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if model_cfg.quantization:
-        kwargs["quantization_config"] = quantization_config(model_cfg.quantization)
+        kwargs["quantization_config"] = quantization_config(model_cfg.quantization,
+                                                            quant_storage=dtype if sharded else None)
         # This rank's GPU (accelerate set it from LOCAL_RANK under torchrun; 0 alone), not every rank's GPU 0.
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     with _hub_errors("weights", model_cfg.name_or_path):
@@ -163,8 +166,12 @@ def load_model(model_cfg: Any, *, dtype: torch.dtype, attn_implementation: str, 
     return model
 
 
-def quantization_config(kind: str):
-    """QLoRA's recipe: nf4 with double quantization and bf16 compute (4bit), or LLM.int8 (8bit)."""
+def quantization_config(kind: str, quant_storage: torch.dtype | None = None):
+    """QLoRA's recipe: nf4 with double quantization and bf16 compute (4bit), or LLM.int8 (8bit).
+
+    ``quant_storage``: the dtype the packed 4-bit weights are stored in (bitsandbytes' default is uint8). FSDP2
+    needs a floating dtype equal to its mixed-precision parameter dtype to shard them: the run's compute dtype.
+    """
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
@@ -180,6 +187,7 @@ def quantization_config(kind: str):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
+            **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 

@@ -12,7 +12,8 @@ from phi3tune.training.atomic import atomic_write_json, staged_folder
 from phi3tune.training.layout import EVAL_METRICS
 
 
-def save_adapter(trainer: Any, tokenizer: Any, adapter_dir: Path, base_model_path: str | None) -> None:
+def save_adapter(trainer: Any, tokenizer: Any, adapter_dir: Path, base_model_path: str | None,
+                 state_dict: dict[str, Any] | None = None) -> None:
     """Write the adapter as a whole (staged and renamed): a crash mid-save never leaves half an adapter that loads.
 
     Args:
@@ -20,13 +21,15 @@ def save_adapter(trainer: Any, tokenizer: Any, adapter_dir: Path, base_model_pat
         tokenizer: Saved beside the adapter, with Phi-3's chat template.
         adapter_dir: ``RUN/adapter``.
         base_model_path: A random_init run's ``base_model/``, recorded as the adapter's base; None keeps the hub id.
+        state_dict: Under FSDP2, ``trainer.adapter_state_dict()`` (gathered by every rank beforehand: the model's
+            own weights are shards); None saves the model's weights.
     """
     model = trainer.model
     if base_model_path is not None:
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = base_model_path
     with staged_folder(adapter_dir) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         loading.phi3_generation_config(model.config).save_pretrained(staging)
 

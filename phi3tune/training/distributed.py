@@ -83,6 +83,18 @@ def max_over_ranks(value: int) -> int:
     return int(box.item())
 
 
+def first_over_ranks(value: Any) -> Any:
+    """The first non-None ``value`` of all ranks (rank order), on every rank; ``value`` itself alone.
+
+    For what one rank alone can see, such as a NaN in the shard of a weight it holds under FSDP2.
+    """
+    if not (is_distributed() and dist.is_initialized()):
+        return value
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return next((v for v in values if v is not None), None)
+
+
 @contextmanager
 def main_does_it() -> Iterator[bool]:
     """``with main_does_it() as mine: if mine: write()`` — only rank 0 writes; all ranks leave together."""
@@ -168,7 +180,9 @@ def share_prepared_data(output_dir: Path, prepare) -> Any:
 def strategy(args: dict[str, Any], device: str) -> str:
     """How the ranks share the work, from the SFTConfig kwargs: ddp unless FSDP or DeepSpeed is configured.
 
-    accelerate builds FSDP and DeepSpeed only on accelerators; on a CPU (gloo) it runs DDP whatever is asked.
+    accelerate builds FSDP and DeepSpeed only on accelerators: ``AcceleratorState`` (accelerate 1.15,
+    state.py:986-1016) turns ``DistributedType.FSDP`` on for MULTI_GPU and the like, never for MULTI_CPU (gloo),
+    so on a CPU it runs DDP whatever is asked.
     """
     if not is_distributed():
         return "single"
@@ -182,11 +196,14 @@ def strategy(args: dict[str, Any], device: str) -> str:
 
 
 def strategy_note(args: dict[str, Any], device: str) -> str | None:
-    """A warning when the configured strategy cannot run here (FSDP/DeepSpeed asked for on a CPU)."""
+    """A warning when the configured strategy cannot run here (FSDP/DeepSpeed on a CPU, or on one process)."""
     asked = "deepspeed" if args.get("deepspeed") else "fsdp" if args.get("fsdp") else None
     if asked and is_distributed() and device == "cpu":
         return (f"training_config.{asked} is set, but accelerate runs {asked} only on GPUs: these CPU ranks train "
                 "with DDP (same losses, every rank holds the whole model).")
+    if asked == "fsdp" and not is_distributed():
+        return ("training_config.fsdp is set, but this is one process: it trains unsharded (FSDP2 shards across "
+                "several: --nproc N, or torchrun).")
     return None
 
 
@@ -206,6 +223,13 @@ def layout(args: dict[str, Any], device: str) -> dict[str, Any]:
 def trainer_kwargs(args: dict[str, Any], device: str) -> dict[str, Any]:
     """SFTConfig kwargs for this rank: on a CPU, ``use_cpu`` + gloo, else transformers resets accelerate's state
     to a non-distributed one (it only asks for a CPU backend when told the run is on the CPU)."""
+    if args.get("fsdp") and strategy(args, device) != "fsdp":
+        # What runs is DDP or one process (strategy_note says why): transformers would refuse FSDP on one
+        # process, and accelerate ignores it on a CPU.
+        args = {k: v for k, v in args.items() if k not in ("fsdp", "fsdp_config")}
+    elif args.get("fsdp"):
+        # transformers rewrites fsdp_config in place (prefixes stripped, defaults added): give it its own copy.
+        args = {**args, "fsdp_config": dict(args.get("fsdp_config") or {})}
     if not is_distributed():
         return args
     # LoRA uses every adapter weight in each forward: DDP's search for unused ones is a wasted graph walk.

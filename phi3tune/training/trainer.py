@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from trl import SFTTrainer
 
-from phi3tune.training import distributed
+from phi3tune.training import distributed, sharded
 from phi3tune.training.atomic import STAGING_PREFIX, atomic_write_text, publish_folder
 from phi3tune.training.checkpoints import complete_checkpoints, mark_complete
 from phi3tune.errors import NonFiniteLossError
@@ -40,8 +40,9 @@ class Phi3Trainer(SFTTrainer):
 
     A crash or kill in the middle of a save leaves at most a ``.tmp-*`` folder, which resume ignores and
     removes; the previous complete checkpoint is untouched. Under torchrun every rank writes its own RNG state
-    and rank 0 publishes the checkpoint after a barrier. DeepSpeed/FSDP state formats are not rewritten —
-    those paths fall back to transformers' own files.
+    and rank 0 publishes the checkpoint after a barrier. Under FSDP2 the adapter and optimizer state are gathered
+    from the ranks' shards first (``training.sharded``), so the files are the same as DDP's. DeepSpeed's state
+    format is not rewritten: that path falls back to transformers' own files.
     """
 
     _nonfinite_loss_step: int | None = None
@@ -117,15 +118,27 @@ class Phi3Trainer(SFTTrainer):
         return NonFiniteLossError(text, hint=hint)
 
     def check_finite_weights(self) -> None:
-        """Raise NonFiniteLossError if any trainable weight or optimizer moment is NaN/inf (before any save)."""
+        """Raise NonFiniteLossError if any trainable weight or optimizer moment is NaN/inf (before any save).
+
+        Under FSDP2 each rank sees only its shards: the ranks agree on the first problem, so all raise together.
+        """
+        problem = self._first_nonfinite()
+        if sharded.is_fsdp2(self):
+            problem = distributed.first_over_ranks(problem)
+        if problem:
+            raise self._nonfinite_error(f"{problem} at step {self.state.global_step}")
+
+    def _first_nonfinite(self) -> str | None:
         for name, param in self.model.named_parameters():
-            if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
-                raise self._nonfinite_error(f"weight {name} holds NaN/inf at step {self.state.global_step}")
+            if param.requires_grad and not bool(torch.isfinite(sharded.local(param.detach())).all()):
+                return f"weight {name} holds NaN/inf"
         if self.optimizer is not None:
             for state in self.optimizer.state.values():
                 for key, value in state.items():
-                    if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                        raise self._nonfinite_error(f"optimizer state {key} holds NaN/inf at step {self.state.global_step}")
+                    if torch.is_tensor(value) and value.is_floating_point() and not bool(
+                            torch.isfinite(sharded.local(value)).all()):
+                        return f"optimizer state {key} holds NaN/inf"
+        return None
 
     # ---- atomic checkpoints -------------------------------------------------------------------------------
 
@@ -169,6 +182,33 @@ class Phi3Trainer(SFTTrainer):
         for path in removable[: max(0, len(keep) - limit)]:
             shutil.rmtree(path, ignore_errors=True)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP2: the adapter gathered from the shards (transformers would gather the whole base, or
+        with SHARDED_STATE_DICT save no model at all), written by rank 0 like a one-process run's."""
+        if not sharded.is_fsdp2(self):
+            return super().save_model(output_dir, _internal_call)
+        state_dict = self.adapter_state_dict()
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state_dict)
+        return None
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The trainable weights in full for ``save_pretrained(state_dict=...)`` under FSDP2 (a collective: every
+        rank calls it; rank 0 gets the tensors); None otherwise (the model's own weights are whole)."""
+        return sharded.trainable_state_dict(self.model) if sharded.is_fsdp2(self) else None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not sharded.is_fsdp2(self):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        sharded.load_adapter_weights(model if model is not None else self.model, Path(resume_from_checkpoint))
+        return None
+
+    def _load_best_model(self) -> None:
+        if not sharded.is_fsdp2(self):
+            return super()._load_best_model()
+        sharded.load_adapter_weights(self.model, Path(self.state.best_model_checkpoint))
+        return None
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Model (safetensors) and tokenizer, and the training arguments as JSON instead of a pickle."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -182,20 +222,25 @@ class Phi3Trainer(SFTTrainer):
     # ---- pickle-free optimizer / scheduler / scaler / RNG state ------------------------------------------
 
     def _uses_foreign_state(self) -> bool:
-        # DeepSpeed and FSDP write their own sharded formats; phi3tune runs one process and does not use them.
-        return bool(self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        # DeepSpeed (and FSDP1, which the config refuses) write their own sharded formats; FSDP2's is gathered.
+        return bool(self.is_deepspeed_enabled or (self.is_fsdp_enabled and not sharded.is_fsdp2(self)))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if self._uses_foreign_state():
             return super()._save_optimizer_and_scheduler(output_dir)
+        gathered = sharded.optimizer_state_dict(self.model, self.optimizer) if sharded.is_fsdp2(self) else None
         if self.args.should_save:
-            save_state(self.optimizer.state_dict(), output_dir, OPTIMIZER_STATE)
+            save_state(gathered if gathered is not None else self.optimizer.state_dict(), output_dir, OPTIMIZER_STATE)
             save_state(self.lr_scheduler.state_dict(), output_dir, SCHEDULER_STATE)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None or self._uses_foreign_state() or not has_state(checkpoint, OPTIMIZER_STATE):
             return super()._load_optimizer_and_scheduler(checkpoint)
-        self.optimizer.load_state_dict(load_state(checkpoint, OPTIMIZER_STATE))
+        state = load_state(checkpoint, OPTIMIZER_STATE)
+        if sharded.is_fsdp2(self):
+            sharded.load_optimizer_state(self.model, self.optimizer, state)
+        else:
+            self.optimizer.load_state_dict(state)
         self.lr_scheduler.load_state_dict(load_state(checkpoint, SCHEDULER_STATE))
 
     def _save_scaler(self, output_dir: str) -> None:

@@ -20,6 +20,8 @@ import yaml
 
 from conftest import REPO_ROOT, TINY_CONFIG, needs_hf_home
 from helpers import adapter_tensors, assert_same_losses, cli, losses, metrics_rows
+from helpers import run_phi3tune as _phi3tune, subprocess_env as _env, torchrun_command as _torchrun
+from helpers import wait_for_step as _wait_for_step
 
 pytestmark = needs_hf_home
 
@@ -41,20 +43,6 @@ def _args(out: Path, per_rank_batch: int, *extra: str, **sets) -> list[str]:
     for key, value in {**SETS, "training_config.per_device_train_batch_size": per_rank_batch, **sets}.items():
         args += ["--set", f"{key}={value}"]
     return args + list(extra)
-
-
-def _env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300", "PYTHONPATH": path, **extra}
-
-
-def _phi3tune(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "phi3tune", *args], capture_output=True, text=True,
-                          env=_env(**env), timeout=timeout, cwd=REPO_ROOT)
-
-
-def _torchrun(*launcher: str, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "phi3tune", *args]
 
 
 def _check_one_writer_run(out: Path, result) -> None:
@@ -121,16 +109,6 @@ def test_two_nodes_on_localhost(tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert [r["step"] for r in metrics_rows(out) if "loss" in r] == [1, 2, 3]
-
-
-def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (run / "metrics.jsonl").is_file() and any(r.get("step", 0) >= step for r in metrics_rows(run)):
-            return
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached")
 
 
 def test_sigterm_to_launcher_saves_one_checkpoint_and_resume_reproduces(nproc_run, tmp_path):
