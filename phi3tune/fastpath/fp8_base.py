@@ -219,11 +219,14 @@ class Fp8Conversion:
     kept: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        line = (f"fp8 base: {self.linears} linears, {self.bytes_before / 2**30:.2f} GiB -> "
-                f"{self.bytes_after / 2**30:.2f} GiB")
+        line = f"fp8 base: {self.linears} linears, {_size(self.bytes_before)} -> {_size(self.bytes_after)}"
         if self.kept:
             line += f"; {len(self.kept)} kept in their dtype ({self.kept[0]}{', ...' if len(self.kept) > 1 else ''})"
         return line
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 / 100 else f"{nbytes / 2**20:.2f} MiB"
 
 
 def _why_not(layer: Any) -> str | None:
