@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from conftest import REPO_ROOT, TINY_CONFIG, needs_hf_home
-from helpers import cli, losses, tiny_phi3_config
+from helpers import cli, losses, tiny_phi3_config, train_args
 from phi3tune.config.load import load_config
 from phi3tune.errors import ConfigError, UsageError
 from phi3tune.fastpath import fp8_base, lora_fused, memory, policy
@@ -253,6 +253,23 @@ def test_layers_that_cannot_convert_are_kept() -> None:
                            LoraConfig(r=2, target_modules=["0", "1"]))
     done = fp8_base.convert_lora_bases(model)
     assert done.linears == 1 and len(done.kept) == 1 and "not a multiple of 16" in done.kept[0]
+
+
+@needs_hf_home
+def test_train_converts_after_peft_and_saves_an_ordinary_adapter(monkeypatch, train_file, tmp_path) -> None:
+    """The recipe's wiring, on a CPU with the device check lifted: converted, trained, adapter of LoRA keys only."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(fp8_base, "require_fp8_gpu", lambda: None)
+    out = tmp_path / "run"
+    result = cli(train_args(train_file, out, "--set", "model.base_precision=fp8",
+                            "--set", "training_config.max_steps=2"))
+    assert result.exit_code == 0, result.output
+    assert "fp8 base: 8 linears" in result.output
+    assert "base_precision: fp8" in (out / "run_config.yaml").read_text()
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter), sorted(adapter)[:4]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in adapter.values())
 
 
 # ----------------------------------------------------------------------------------------------- config and plan
