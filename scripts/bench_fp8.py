@@ -7,7 +7,8 @@
 
 gemm: Phi-3-mini's four linears of one decoder layer (qkv_proj 3072->9216, o_proj 3072->3072, gate_up_proj
 3072->16384, down_proj 8192->3072) at 8,192 tokens, the forward and input-gradient GEMMs a frozen base needs:
-bf16 ``torch.mm``; FP8 ``torch._scaled_mm`` on pre-quantised operands (the GEMMs alone); phi3tune's quantisers
+bf16 ``torch.mm``; FP8 ``torch._scaled_mm`` on pre-quantised operands (the GEMMs alone, and with
+``use_fast_accum``); phi3tune's quantisers
 (compiled) and the per-backward weight transpose alone; ``fp8_base.fp8_matmul``/``fp8_input_grad`` (all of it);
 whole autograd modules (frozen ``nn.Linear`` vs ``Float8FrozenLinear``, fused LoRA r=16 bf16 vs fp8, forward +
 backward). Median of CUDA-event times, ms, per linear and summed per layer; TFLOP/s of the GEMMs; the
@@ -106,6 +107,11 @@ def bench_linear(k: int, n: int, tokens: int, device: str, timed, rank: int = 16
         "bf16_dgrad": timed(lambda: torch.mm(dy, w)),
         "fp8_fwd_gemm": timed(lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.view(1, -1), out_dtype=bf16)),
         "fp8_dgrad_gemm": timed(lambda: torch._scaled_mm(dyq, wt, scale_a=sdy, scale_b=ones, out_dtype=bf16)),
+        # use_fast_accum (Hopper's faster, less exact FP8 accumulation) is off in phi3tune: measured here only
+        "fp8_fwd_gemm_fast_accum": timed(lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.view(1, -1),
+                                                                  out_dtype=bf16, use_fast_accum=True)),
+        "fp8_dgrad_gemm_fast_accum": timed(lambda: torch._scaled_mm(dyq, wt, scale_a=sdy, scale_b=ones, out_dtype=bf16,
+                                                                    use_fast_accum=True)),
         "quant_x": timed(lambda: fp8_base._quantise_rows(x)),
         "quant_dy": timed(lambda: fp8_base._quantise_rows_scaled(dy, sw)),
         "transpose_w": timed(lambda: wq.t().contiguous()),

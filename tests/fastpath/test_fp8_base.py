@@ -287,7 +287,8 @@ def test_base_precision_defaults_to_bf16_and_is_recorded() -> None:
     (["model.base_precision=fp8", "model.quantization=4bit"],
      "base_precision fp8 cannot be combined with quantization 4bit"),
     (["model.base_precision=fp8", "peft_config.use_dora=true"], "peft_config.use_dora: DoRA reads"),
-], ids=["bad-value", "with-qlora", "with-dora"])
+    (["model.base_precision=fp8", "training_config.fsdp=full_shard"], "training_config.fsdp: sharding cannot"),
+], ids=["bad-value", "with-qlora", "with-dora", "with-fsdp"])
 def test_config_errors(sets, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         _config(*sets)
