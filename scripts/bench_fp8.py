@@ -128,7 +128,8 @@ def bench_linear(k: int, n: int, tokens: int, device: str, timed, rank: int = 16
         "k": k, "n": n, "ms": {key: round(v, 4) for key, v in ms.items()},
         "tflops": {key: round(flop / (ms[key] * 1e-3) / 1e12, 1)
                    for key in ("bf16_fwd", "bf16_dgrad", "fp8_fwd_gemm", "fp8_dgrad_gemm", "fp8_fwd", "fp8_dgrad")},
-        "rel_error": {"bf16_fwd": _rel(torch.mm(x, w.t()), ref_fwd), "fp8_fwd": _rel(fp8_base.fp8_matmul(x, wq, sw), ref_fwd),
+        "rel_error": {"bf16_fwd": _rel(torch.mm(x, w.t()), ref_fwd),
+                      "fp8_fwd": _rel(fp8_base.fp8_matmul(x, wq, sw), ref_fwd),
                       "bf16_dgrad": _rel(torch.mm(dy, w), ref_dgrad),
                       "fp8_dgrad": _rel(fp8_base.fp8_input_grad(dy, wq, sw), ref_dgrad)},
     }
@@ -141,7 +142,8 @@ def gemm(args) -> dict:
     shrink = 1 if device == "cuda" else 32
     tokens = args.tokens if device == "cuda" else 256
     timed = _timer(device, args.iters if device == "cuda" else 2, args.warmup if device == "cuda" else 1)
-    linears = {name: bench_linear(k // shrink, n // shrink, tokens, device, timed) for name, (k, n) in PHI3_LINEARS.items()}
+    linears = {name: bench_linear(k // shrink, n // shrink, tokens, device, timed)
+               for name, (k, n) in PHI3_LINEARS.items()}
     keys = next(iter(linears.values()))["ms"].keys()
     per_layer = {key: round(sum(v["ms"][key] for v in linears.values()), 3) for key in keys}
     per_layer["bf16_gemms"] = round(per_layer["bf16_fwd"] + per_layer["bf16_dgrad"], 3)
@@ -213,8 +215,8 @@ def parity(args) -> dict:
                     rc = "timeout"
             if Path(rctx["result"]).is_file():
                 row = json.loads(Path(rctx["result"]).read_text())
-                rows[precision] = {"losses": row.get("losses"), "tokens_per_second": row.get("tokens_per_second"),
-                                   "wall_seconds": row.get("wall_seconds"), "peak_allocated_gib": row.get("peak_allocated_gib")}
+                rows[precision] = {key: row.get(key) for key in
+                                   ("losses", "tokens_per_second", "wall_seconds", "peak_allocated_gib")}
             else:
                 rows[precision] = {"error": f"rc={rc} (see rows.log)"}
             print(f"{name}: {time.perf_counter() - t0:.0f} s {rows[precision].get('error', '')}", flush=True)

@@ -283,7 +283,8 @@ def load_config(
     if model is not None and model.base_precision == "fp8":
         if peft.get("use_dora"):
             problems.append("peft_config.use_dora: DoRA reads the full-precision base weight, which "
-                            "model.base_precision: fp8 stores as e4m3; set use_dora: false, or model.base_precision: bf16")
+                            "model.base_precision: fp8 stores as e4m3; set use_dora: false, or "
+                            "model.base_precision: bf16")
         for key in ("fsdp", "deepspeed"):
             if tc.get(key):
                 problems.append(f"training_config.{key}: sharding cannot take the e4m3 base of model.base_precision: "

@@ -200,7 +200,8 @@ class Float8FrozenLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Float8Linear.apply(x, self.weight, self.weight_scale, self.bias, _compute_dtype(x))
 
-    def fused_lora(self, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    def fused_lora(self, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
+                   scaling: float) -> torch.Tensor:
         """Base + LoRA in one autograd function (``lora_fused``); all of x, A, B in the compute dtype."""
         return _Float8LoraLinear.apply(x, self.weight, self.weight_scale, self.bias, weight_a, weight_b, scaling)
 

@@ -19,8 +19,8 @@ vanilla LoRA (no DoRA or other variant), not merged, adapters enabled, no ``adap
 ``lora_dropout`` an identity (p=0, or the layer in eval mode), no LoRA bias, the base an exact, frozen
 ``torch.nn.Linear`` without hooks, and input and base weight in the compute dtype (bf16 autocast with a bf16
 base, or everything in one dtype). A ``Float8FrozenLinear`` base (``model.base_precision: fp8``) takes the same
-fused path with FP8 base GEMMs (``fp8_base._Float8LoraLinear``). QLoRA's ``peft.tuners.lora.bnb.Linear4bit`` is a separate class whose
-forward is not patched: QLoRA keeps peft's path.
+fused path with FP8 base GEMMs (``fp8_base._Float8LoraLinear``). QLoRA's ``peft.tuners.lora.bnb.Linear4bit`` is
+a separate class whose forward is not patched: QLoRA keeps peft's path.
 
 API: ``patch() -> bool``, ``unpatch()``, ``is_patched() -> bool``, like every module of ``phi3tune/fastpath/``.
 Process-wide and reversible; ``phi3tune/fastpath/policy.py`` decides when it is on.

@@ -205,7 +205,8 @@ def test_conversion_frees_bf16_weights_and_keeps_the_adapter(tmp_path) -> None:
     config = tiny_phi3_config()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
     bases = {n: m.base_layer for n, m in peft_model.named_modules() if hasattr(m, "base_layer")}
     refs = [weakref.ref(b.weight) for b in bases.values()]
     params = sum(b.weight.numel() for b in bases.values())
