@@ -59,24 +59,27 @@ def memory_verdict(cfg: Any, plan: FastPathPlan, card_bytes: float, shape: Model
     """Estimate the run's peak on a card of ``card_bytes`` and suggest changes when it does not fit."""
     args = plan.args
     quantized = bool(cfg.model.quantization)
+    fp8 = cfg.model.base_precision == "fp8"
     tokens = plan.tokens_per_micro_batch or int(args.get("per_device_train_batch_size", 8)) * max_length_of(args)
     mode = _checkpointing_of(args)
     fused = "lora_fused" in plan.patches and "phi3_layers" in plan.patches
-    found = plan.memory or estimate(tokens, quantized=quantized, checkpointing=mode, fused=fused, shape=shape)
+    found = plan.memory or estimate(tokens, quantized=quantized, checkpointing=mode, fused=fused, shape=shape, fp8=fp8)
     usable = card_bytes - CARD_RESERVE_BYTES
     verdict = MemoryVerdict(found.peak, card_bytes, found.checkpointing, found.peak <= usable)
     if verdict.fits:
         return verdict
     alternatives = []
     if found.checkpointing != "full":
-        full = estimate(tokens, quantized=quantized, checkpointing="full", fused=fused, shape=shape)
+        full = estimate(tokens, quantized=quantized, checkpointing="full", fused=fused, shape=shape, fp8=fp8)
         alternatives.append((full.peak, "recompute activations: --set training_config.gradient_checkpointing=true"))
     if not quantized:
         qlora = estimate(tokens, quantized=True, checkpointing="full", fused=fused, shape=shape)
-        alternatives.append((qlora.peak, "QLoRA: --set model.quantization=4bit"))
+        alternatives.append((qlora.peak, "QLoRA: --set model.quantization=4bit"
+                             + (" --set model.base_precision=bf16" if fp8 else "")))
     rows, accum = int(args.get("per_device_train_batch_size", 8)), int(args.get("gradient_accumulation_steps", 1))
     if rows > 1:
-        half = estimate(tokens // 2, quantized=quantized, checkpointing=found.checkpointing, fused=fused, shape=shape)
+        half = estimate(tokens // 2, quantized=quantized, checkpointing=found.checkpointing, fused=fused, shape=shape,
+                        fp8=fp8)
         alternatives.append((half.peak, "a smaller micro-batch, same effective batch: --set "
                              f"training_config.per_device_train_batch_size={rows // 2} --set "
                              f"training_config.gradient_accumulation_steps={accum * 2}"))
@@ -117,6 +120,7 @@ def print_plan(cfg: Any, console: Console, *, gpu_memory_gib: float | None = Non
     table.add_row("model", f"{cfg.model.name_or_path}{init}: {size} parameters, {model_config.num_hidden_layers} layers")
     table.add_row("planned for", f"{planned_for}, {str(dtype).replace('torch.', '')}"
                   + (f", {cfg.model.quantization} quantized" if cfg.model.quantization else "")
+                  + (", fp8 base linears" if cfg.model.base_precision == "fp8" else "")
                   + ("" if here == "cuda" else f" (this machine has no GPU: here the run would take the {here} path)"))
     table.add_row("attention", plan.attn)
     table.add_row("method", f"LoRA r={lora.r} alpha={lora.lora_alpha} dropout={lora.lora_dropout}")

@@ -242,6 +242,11 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
     except ValueError as exc:  # trl/transformers/peft reject a value our schema let through
         raise UsageError(f"training_config / peft_config: {exc}") from exc
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows them instead
+    if cfg.model.base_precision == "fp8":
+        # trl's SFTTrainer wraps the model with peft in its constructor; the optimizer and DDP come in train().
+        from phi3tune.fastpath.fp8_base import convert_lora_bases  # imported only for fp8 runs
+
+        console.print(convert_lora_bases(trainer.model).summary(), highlight=False)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     console.print(f"trainable LoRA parameters: {trainable:,}")
     with graceful_stop() as stop:

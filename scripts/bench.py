@@ -11,6 +11,8 @@ Rows (each in a fresh subprocess, same data, same random base weights):
                SFTTrainer. Its settings are the model card's, not phi3tune's: this is the baseline.
   lora, qlora  `phi3tune train configs/lora.yaml` / `configs/qlora.yaml` as shipped, through the CLI in-process
   lora-plain   the LoRA recipe with model.fast_path.fused_lora/compiled_layers off (same call A/B)
+  lora-fp8     the LoRA recipe with model.base_precision=fp8 (e4m3 base linears, FP8 GEMMs; Hopper only);
+               prof-lora-fp8 profiles it. GEMM microbenchmark and bf16/fp8 loss parity: scripts/bench_fp8.py
   mem-*        the LoRA recipe with other checkpointing / micro-batches, to check the memory model
   prof-lora    the LoRA recipe under torch.profiler for two steps: top kernels, CPU ops, the GPU's idle gaps
   gen-lora     `phi3tune eval RUN --generate --compare-base --max-new-tokens 256` on 200 eval chats (issue 13):
@@ -62,6 +64,8 @@ ROWS: dict[str, dict] = {
         "training_config.gradient_checkpointing_kwargs={use_reentrant: false, every_n_layers: 2}"]),
     "mem-lora-rows2": dict(via="recipe", config=_LORA, sets=["training_config.per_device_train_batch_size=2"]),
     "prof-lora": dict(via="recipe", config=_LORA, profile=True),
+    "lora-fp8": dict(via="recipe", config=_LORA, sets=["model.base_precision=fp8"]),
+    "prof-lora-fp8": dict(via="recipe", config=_LORA, profile=True, sets=["model.base_precision=fp8"]),
 }
 _GEN = dict(via="generate", samples=200, max_new_tokens=256)
 ROWS.update({

@@ -285,6 +285,15 @@ def load_config(
         warnings.extend(context_warnings(tc, model))
     if model is not None and model.quantization and model.dtype == "float32":
         warnings.append("model: quantization with dtype float32 computes in float32 (slow); QLoRA uses bfloat16")
+    if model is not None and model.base_precision == "fp8":
+        if peft.get("use_dora"):
+            problems.append("peft_config.use_dora: DoRA reads the full-precision base weight, which "
+                            "model.base_precision: fp8 stores as e4m3; set use_dora: false, or "
+                            "model.base_precision: bf16")
+        for key in ("fsdp", "deepspeed"):
+            if tc.get(key):
+                problems.append(f"training_config.{key}: sharding cannot take the e4m3 base of model.base_precision: "
+                                f"fp8 (one GPU or --nproc DDP can); remove {key}, or set model.base_precision: bf16")
 
     if data is not None:
         for field in ("train", "eval"):

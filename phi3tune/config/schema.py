@@ -91,6 +91,11 @@ class ModelConfig(_Strict):
     fast_path: FastPathConfig = Field(
         default_factory=FastPathConfig, description="Switches of the GPU fast path (attn_implementation auto/varlen)."
     )
+    base_precision: Literal["bf16", "fp8"] = Field(
+        "bf16",
+        description="Frozen LoRA base linears: bf16, or fp8 (e4m3 weights + per-channel scales, FP8 GEMMs; "
+        "Hopper GPUs only, changes numerics; phi3tune/fastpath/fp8_base.py).",
+    )
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -103,6 +108,15 @@ class ModelConfig(_Strict):
         # YAML users write `4bit`, `4-bit`, `nf4` or the integer 4 interchangeably.
         aliases = {4: "4bit", 8: "8bit", "4-bit": "4bit", "nf4": "4bit", "8-bit": "8bit", "int8": "8bit"}
         return aliases.get(value, value) if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _fp8_not_quantized(self) -> ModelConfig:
+        if self.base_precision == "fp8" and self.quantization:
+            raise ValueError(
+                f"base_precision fp8 cannot be combined with quantization {self.quantization} (QLoRA keeps its own "
+                "quantized base): set model.base_precision: bf16, or model.quantization: null"
+            )
+        return self
 
     @field_validator("random_init")
     @classmethod

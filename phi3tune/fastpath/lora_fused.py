@@ -18,8 +18,9 @@ Only the common case is fused; everything else runs peft's own forward unchanged
 vanilla LoRA (no DoRA or other variant), not merged, adapters enabled, no ``adapter_names``/extra kwargs,
 ``lora_dropout`` an identity (p=0, or the layer in eval mode), no LoRA bias, the base an exact, frozen
 ``torch.nn.Linear`` without hooks, and input and base weight in the compute dtype (bf16 autocast with a bf16
-base, or everything in one dtype). QLoRA's ``peft.tuners.lora.bnb.Linear4bit`` is a separate class whose
-forward is not patched: QLoRA keeps peft's path.
+base, or everything in one dtype). A ``Float8FrozenLinear`` base (``model.base_precision: fp8``) takes the same
+fused path with FP8 base GEMMs (``fp8_base._Float8LoraLinear``). QLoRA's ``peft.tuners.lora.bnb.Linear4bit`` is
+a separate class whose forward is not patched: QLoRA keeps peft's path.
 
 API: ``patch() -> bool``, ``unpatch()``, ``is_patched() -> bool``, like every module of ``phi3tune/fastpath/``.
 Process-wide and reversible; ``phi3tune/fastpath/policy.py`` decides when it is on.
@@ -28,6 +29,7 @@ Process-wide and reversible; ``phi3tune/fastpath/policy.py`` decides when it is 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 
 _ORIGINAL_FORWARD: Any = None  # peft's Linear.forward while the patch is in place
+_FP8_MODULE = "phi3tune.fastpath.fp8_base"
 # Order of the two GEMMs writing each output: True = rank-r product first, base GEMM accumulating into it
 # (the default); False = base GEMM first, rank-r addmm_ into it. Kept switchable for the benchmark's A/B.
 BASE_GEMM_LAST = True
@@ -119,11 +122,17 @@ def _single_vanilla_adapter(layer: Any) -> str | None:
     if not (isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training))):
         return None
     base = layer.base_layer
-    # Exactly nn.Linear without hooks: the fused function computes its product itself, so anything a subclass
-    # or a hook adds (quantization, offload) would be skipped.
-    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+    # Exactly nn.Linear (or the fp8 base) without hooks: the fused function computes its product itself, so
+    # anything a subclass or a hook adds (quantization, offload) would be skipped.
+    if (type(base) is not nn.Linear and not _is_fp8_base(base)) or base._forward_hooks or base._forward_pre_hooks:
         return None
     return name
+
+
+def _is_fp8_base(base: Any) -> bool:
+    """A ``fp8_base.Float8FrozenLinear``; that module is imported only by a model's fp8 conversion."""
+    fp8 = sys.modules.get(_FP8_MODULE)
+    return fp8 is not None and type(base) is fp8.Float8FrozenLinear
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -139,6 +148,11 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         return _ORIGINAL_FORWARD(self, x, *args, **kwargs)
     base = self.base_layer
     dtype = _compute_dtype(x)
+    if _is_fp8_base(base):
+        if x.dtype != dtype:  # an input autocast would cast: peft's path (its base casts nothing either way)
+            return _ORIGINAL_FORWARD(self, x, *args, **kwargs)
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        return base.fused_lora(x, lora_a.weight.to(dtype), lora_b.weight.to(dtype), float(self.scaling[name]))
     weight, bias = base.weight, base.bias
     if (
         x.dtype != dtype

@@ -55,9 +55,14 @@ class MemoryEstimate:
         return self.weights + self.fixed + self.activations
 
 
-def weight_bytes(quantized: bool, shape: ModelShape = PHI3_MINI) -> float:
+def weight_bytes(quantized: bool, shape: ModelShape = PHI3_MINI, *, fp8: bool = False) -> float:
+    """Base weight bytes: bf16; nf4 (QLoRA); or e4m3, 1 byte a parameter, for the decoder linears that
+    ``model.base_precision: fp8`` converts (all of them with all-linear LoRA; their float32 scales, ~4 MB on
+    Phi-3-mini, are left out)."""
     if quantized:
         return (shape.params - shape.unquantized_params) * NF4_BYTES_PER_PARAM + shape.unquantized_params * 2
+    if fp8:
+        return (shape.params - shape.unquantized_params) * 1 + shape.unquantized_params * 2
     return shape.params * 2
 
 
@@ -79,10 +84,10 @@ def activation_bytes_per_token(checkpointing: str = "none", fused: bool = True, 
 
 
 def estimate(tokens: int, *, quantized: bool, checkpointing: str, fused: bool = True,
-             shape: ModelShape = PHI3_MINI) -> MemoryEstimate:
-    """Predicted peak for a micro-batch of ``tokens`` tokens."""
+             shape: ModelShape = PHI3_MINI, fp8: bool = False) -> MemoryEstimate:
+    """Predicted peak for a micro-batch of ``tokens`` tokens (``fp8``: the base linears stored in e4m3)."""
     return MemoryEstimate(
-        weights=weight_bytes(quantized, shape),
+        weights=weight_bytes(quantized, shape, fp8=fp8),
         fixed=shape.trainable * TRAINABLE_BYTES_PER_PARAM + SLACK_BYTES,
         activations=tokens * activation_bytes_per_token(checkpointing, fused, shape),
         checkpointing=checkpointing,
@@ -90,13 +95,13 @@ def estimate(tokens: int, *, quantized: bool, checkpointing: str, fused: bool = 
 
 
 def least_recompute(tokens: int, *, quantized: bool, budget_bytes: float, fused: bool = True,
-                    shape: ModelShape = PHI3_MINI) -> MemoryEstimate:
+                    shape: ModelShape = PHI3_MINI, fp8: bool = False) -> MemoryEstimate:
     """The checkpointing mode with the least recompute whose peak fits ``budget_bytes`` (else ``full``)."""
     for mode in CHECKPOINTING_MODES:
-        found = estimate(tokens, quantized=quantized, checkpointing=mode, fused=fused, shape=shape)
+        found = estimate(tokens, quantized=quantized, checkpointing=mode, fused=fused, shape=shape, fp8=fp8)
         if found.peak <= budget_bytes:
             return found
-    return estimate(tokens, quantized=quantized, checkpointing="full", fused=fused, shape=shape)
+    return estimate(tokens, quantized=quantized, checkpointing="full", fused=fused, shape=shape, fp8=fp8)
 
 
 def shape_of(model_config: Any, *, trainable: float, total: float) -> ModelShape:

@@ -15,6 +15,8 @@ The levers, each measured in docs/benchmarks.md:
   the fused projections (``phi3_layers.py``); Liger's kernels for the same three only where that is off.
 * ``model.fast_path.fused_lora``: each LoRA linear fused with its frozen base (``lora_fused.py``).
 * LoRA inputs stay bf16 under autocast (``peft_cast.py``); pinned, persistent dataloader workers.
+* ``model.base_precision: fp8`` (opt-in, Hopper only: checked here): the memory model counts the converted base
+  at 1 byte a parameter; the conversion itself runs after peft has wrapped the model (``fp8_base.py``).
 
 Under ``training_config.fsdp`` (FSDP2) the fused kernels (compiled layers, fused LoRA linears, Liger) are off:
 they were measured and tested on one GPU with whole weights, and FSDP2 hands them weights it all-gathers before
@@ -160,9 +162,17 @@ def plan_fast_path(
     args = {k: v for k, v in training_args.items() if not (v is None and k in POLICY_KEYS)}
     requested = str(getattr(model_cfg, "attn_implementation", "auto") or "auto").lower()
     quantized = bool(getattr(model_cfg, "quantization", None))
+    fp8 = getattr(model_cfg, "base_precision", "bf16") == "fp8"
+    if fp8:
+        from phi3tune.fastpath import fp8_base  # imported only when a config asks for fp8
+
+        fp8_base.require_fp8_gpu()  # the run and the dry run alike: exit 2 before anything loads
     planning_only = gpu_memory is not None and device_type == "cuda" and gpu_memory_bytes() is None
     attn = resolve_attn_implementation(requested, device_type, assume_gpu=planning_only)
     plan = FastPathPlan(enabled=False, attn=attn, args=args)
+    if fp8:
+        plan.notes.append("fp8 base: frozen LoRA base linears in e4m3 with per-channel scales, FP8 GEMMs "
+                          "(model.base_precision)")
     if attn == attention.VARLEN:
         plan.patches.append("attention")
     if device_type != "cuda":
@@ -252,14 +262,14 @@ def plan_fast_path(
     budget = QLORA_MEMORY_BUDGET if quantized else total * MEMORY_FRACTION
     fused = compiled_layers and fused_lora
     chosen = memory.least_recompute(plan.tokens_per_micro_batch, quantized=quantized, budget_bytes=budget,
-                                    fused=fused, shape=shape)
+                                    fused=fused, shape=shape, fp8=fp8)
     if "gradient_checkpointing" in user:
         mode = _user_checkpointing(args)
         if args["gradient_checkpointing"] and chosen.checkpointing != "full":
             plan.notes.append("fast path: keeping gradient_checkpointing=True from the config "
                               f"(the fast path would use {chosen.checkpointing!r}: recompute costs ~25% of the step)")
         chosen = memory.estimate(plan.tokens_per_micro_batch, quantized=quantized, checkpointing=mode, fused=fused,
-                                 shape=shape)
+                                 shape=shape, fp8=fp8)
     else:
         mode = chosen.checkpointing
         args["gradient_checkpointing"] = mode != "none"
