@@ -37,6 +37,21 @@ HOPPER = fp8_base.fp8_unavailable_reason() is None
 needs_hopper = pytest.mark.skipif(not HOPPER, reason=f"needs a CUDA GPU of sm90+ ({fp8_base.fp8_unavailable_reason()})")
 
 
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this PyTorch's CPU ``_scaled_mm`` takes rowwise scales (2.13 does; 2.11 takes per-tensor only)."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+# The numerics tests run the FP8 GEMMs on the CPU.
+needs_cpu_fp8 = pytest.mark.skipif(not _cpu_rowwise_scaled_mm(),
+                                   reason=f"this PyTorch's ({torch.__version__}) CPU _scaled_mm takes per-tensor scales only")
+
+
 def _spread_rows(rows: int, cols: int, low: float, high: float, seed: int, device: str = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(rows, cols, generator=g) * torch.logspace(low, high, rows)[:, None]).to(device)
@@ -90,6 +105,7 @@ def _fp8_linear(bias: bool = False) -> tuple[nn.Linear, Float8FrozenLinear]:
     return linear, Float8FrozenLinear.from_linear(linear)
 
 
+@needs_cpu_fp8
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_forward_matches_the_reference_within_fp8_tolerance(bias: bool) -> None:
     linear, fp8 = _fp8_linear(bias)
@@ -109,6 +125,7 @@ def test_forward_matches_the_reference_within_fp8_tolerance(bias: bool) -> None:
         _assert_fp8_close(out16.view(M, N), ref, x, linear.weight, "forward bf16")
 
 
+@needs_cpu_fp8
 def test_input_gradient_matches_the_reference() -> None:
     linear, fp8 = _fp8_linear()
     x = _spread_rows(M, K, -1, 1, seed=3).requires_grad_(True)
@@ -120,6 +137,7 @@ def test_input_gradient_matches_the_reference() -> None:
     assert fp8.weight.grad is None
 
 
+@needs_cpu_fp8
 def test_autocast_output_is_the_autocast_dtype() -> None:
     _, fp8 = _fp8_linear()
     x = torch.randn(6, K, requires_grad=True)
@@ -130,6 +148,7 @@ def test_autocast_output_is_the_autocast_dtype() -> None:
     assert x.grad.dtype == torch.float32
 
 
+@needs_cpu_fp8
 def test_gemm_operands_are_k_major_as_hopper_needs(monkeypatch) -> None:
     """CPU's _scaled_mm takes any layout; Hopper's needs mat1 row-major, mat2 column-major, rowwise scales."""
     calls = []
@@ -177,6 +196,7 @@ def _out_and_grads(model, x: torch.Tensor):
                           "x": x.grad}
 
 
+@needs_cpu_fp8
 def test_fused_lora_with_fp8_base_equals_fp8_base_plus_peft_lora(monkeypatch) -> None:
     """Same FP8 base GEMMs, LoRA in float32: the fused function equals peft's forward to float32 rounding."""
     model = _fp8_peft_block()
@@ -195,6 +215,7 @@ def test_fused_lora_with_fp8_base_equals_fp8_base_plus_peft_lora(monkeypatch) ->
         torch.testing.assert_close(got, want, atol=1e-6 * scale, rtol=1e-5, msg=lambda m, w=what: f"{w}: {m}")
 
 
+@needs_cpu_fp8
 # ----------------------------------------------------------------------------------------------- conversion
 @needs_hf_home
 def test_conversion_frees_bf16_weights_and_keeps_the_adapter(tmp_path) -> None:
@@ -256,6 +277,7 @@ def test_layers_that_cannot_convert_are_kept() -> None:
     assert done.linears == 1 and len(done.kept) == 1 and "not a multiple of 16" in done.kept[0]
 
 
+@needs_cpu_fp8
 @needs_hf_home
 def test_train_converts_after_peft_and_saves_an_ordinary_adapter(monkeypatch, train_file, tmp_path) -> None:
     """The recipe's wiring, on a CPU with the device check lifted: converted, trained, adapter of LoRA keys only."""
