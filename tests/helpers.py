@@ -139,8 +139,11 @@ def pickle_like_files(root: Path) -> list[Path]:
     found = []
     for path in root.rglob("*"):
         if path.is_file():
-            head = path.open("rb").read(4)
-            if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04" or path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+            head = path.open("rb").read(9)
+            # A pickle (protocol 2+) opens with 0x80 and its protocol; a safetensors file with its header's
+            # 8-byte length (which can start with 0x80 too) and then "{".
+            pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and head[8:9] != b"{"
+            if pickled or head[:4] == b"PK\x03\x04" or path.suffix in (".bin", ".pt", ".pth", ".pkl"):
                 found.append(path)
     return found
 
