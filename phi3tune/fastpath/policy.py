@@ -172,7 +172,7 @@ def plan_fast_path(
     plan = FastPathPlan(enabled=False, attn=attn, args=args)
     if fp8:
         plan.notes.append("fp8 base: frozen LoRA base linears in e4m3 with per-channel scales, FP8 GEMMs "
-                          "(model.base_precision)")
+                          "(model.base_precision; it saves memory, not time yet: docs/benchmarks.md)")
     if attn == attention.VARLEN:
         plan.patches.append("attention")
     if device_type != "cuda":
