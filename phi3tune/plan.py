@@ -121,6 +121,8 @@ def print_plan(cfg: Any, console: Console, *, gpu_memory_gib: float | None = Non
     table.add_row("planned for", f"{planned_for}, {str(dtype).replace('torch.', '')}"
                   + (f", {cfg.model.quantization} quantized" if cfg.model.quantization else "")
                   + (", fp8 base linears" if cfg.model.base_precision == "fp8" else "")
+                  + (" (fp8 needs a Hopper GPU, compute capability 9.0+: not checked here)"
+                     if cfg.model.base_precision == "fp8" and here != "cuda" else "")
                   + ("" if here == "cuda" else f" (this machine has no GPU: here the run would take the {here} path)"))
     table.add_row("attention", plan.attn)
     table.add_row("method", f"LoRA r={lora.r} alpha={lora.lora_alpha} dropout={lora.lora_dropout}")

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -72,7 +73,8 @@ def _rel(out, ref) -> float:
     return round(float((out.float() - ref).norm() / ref.norm()), 5)
 
 
-def bench_linear(k: int, n: int, tokens: int, device: str, timed, rank: int = 16) -> dict:
+def bench_linear(k: int, n: int, tokens: int, device: str, timed: Callable[[Callable[[], None]], float],
+                 rank: int = 16) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -135,7 +137,7 @@ def bench_linear(k: int, n: int, tokens: int, device: str, timed, rank: int = 16
     }
 
 
-def gemm(args) -> dict:
+def gemm(args: argparse.Namespace) -> dict:
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu"
@@ -173,7 +175,7 @@ def _compare(bf16: list, fp8: list) -> dict:
             "rel_diff": [round(r, 5) for r in rel]}
 
 
-def parity(args) -> dict:
+def parity(args: argparse.Namespace) -> dict:
     import torch
 
     import bench

@@ -10,8 +10,12 @@ FSDP2 (``torch.distributed.fsdp.fully_shard`` through accelerate) and nothing el
 - ``fsdp_config``: a mapping or a JSON file (relative to the config file), inlined; keys with or without the
   ``fsdp_`` prefix; ``fsdp_version`` must be 2 (written out when absent); FSDP1-only and XLA keys are refused;
   every value is type-checked.
-- Cross-checks: ``fsdp_config`` without ``fsdp``, ``fsdp`` with ``deepspeed``, FSDP's activation checkpointing
-  with ``gradient_checkpointing`` (transformers refuses both), 8-bit quantization (its weights cannot be sharded).
+- Cross-checks: ``fsdp_config`` without ``fsdp``, ``fsdp`` with ``deepspeed``, 8-bit quantization (its weights
+  cannot be sharded). FSDP's own ``activation_checkpointing`` is refused: accelerate wraps each layer in torch's
+  checkpoint wrapper, which adds ``_checkpoint_wrapped_module`` to the module names peft 0.21 uses to find an
+  adapter's weights in a state dict, so the gathered adapter would be saved without the wrapped layers'
+  weights (reproduced on CPU over gloo). ``gradient_checkpointing`` (transformers' own, no wrapper) recomputes
+  the same way under FSDP2.
 """
 
 from __future__ import annotations
@@ -110,7 +114,8 @@ def _translate_words(fsdp: Any, fsdp_config: dict[str, Any], problems: list[str]
             problems.append(f"{where}: unknown option '{word}'{did_you_mean(word, _WORDS)}; expected true/false")
         elif _WORDS[word] is not None:
             key, value = _WORDS[word]
-            fsdp_config.setdefault(key, value)
+            if fsdp_option(fsdp_config, key) is None:  # the user's own key, either spelling, wins
+                fsdp_config[key] = value
     if not any(p.startswith(where) for p in problems):
         extra = {k: v for k, v in fsdp_config.items() if k in ("reshard_after_forward", "cpu_offload")}
         warnings.append(f"{where}: {fsdp!r} is transformers' deprecated form; read as fsdp: true"
@@ -164,28 +169,20 @@ def fsdp_option(fsdp_config: dict[str, Any] | None, key: str, default: Any = Non
 
 def check_fsdp_with(training_config: dict[str, Any], quantization: str | None, problems: list[str],
                     warnings: list[str]) -> None:
-    """Cross-checks of a run with ``fsdp: true`` against the rest of the config (called after every type check).
-
-    Turns ``gradient_checkpointing`` off when FSDP's own activation checkpointing is on and the user left it
-    unset (trl defaults it to true, and transformers refuses the two together).
-    """
+    """Cross-checks of a run with ``fsdp: true`` against the rest of the config (called after every type check)."""
     if training_config.get("fsdp") is not True:
         return
     config = training_config.get("fsdp_config") or {}
     if training_config.get("deepspeed"):
         problems.append(f"{_SECTION}: fsdp and deepspeed together; choose one (FSDP2: remove deepspeed)")
     if fsdp_option(config, "activation_checkpointing"):
-        if training_config.get("gradient_checkpointing"):
-            problems.append(f"{_SECTION}.gradient_checkpointing: true together with fsdp_config."
-                            "activation_checkpointing: true; set gradient_checkpointing: false (FSDP's own "
-                            "checkpointing avoids a second all-gather in backward)")
-        elif "gradient_checkpointing" not in training_config:
-            training_config["gradient_checkpointing"] = False
-            warnings.append(f"{_SECTION}.gradient_checkpointing: false (fsdp_config.activation_checkpointing "
-                            "recomputes instead)")
+        problems.append(f"{_SECTION}.fsdp_config.activation_checkpointing: true is not supported: its layer wrapper "
+                        "hides the adapter's weights from peft's save, so the adapter would be saved incomplete; "
+                        "remove it and use training_config.gradient_checkpointing: true (the same recompute)")
     if quantization == "8bit":
-        problems.append("model.quantization: 8bit weights cannot be sharded by FSDP2; use 4bit (QLoRA, stored in "
-                        "the compute dtype so FSDP2 can shard it) or train with DDP (remove training_config.fsdp)")
+        problems.append("model.quantization: 8bit with training_config.fsdp: 8-bit weights cannot be sharded by "
+                        "FSDP2 on several GPUs; use 4bit (QLoRA, stored in the compute dtype so FSDP2 can shard it) "
+                        "or train with DDP (remove training_config.fsdp)")
     if fsdp_option(config, "state_dict_type", "FULL_STATE_DICT") != "FULL_STATE_DICT":
         warnings.append(f"{_SECTION}.fsdp_config.state_dict_type: phi3tune's checkpoints always hold the gathered "
                         "LoRA adapter and optimizer state (safetensors; small, only the trainable weights), so this "

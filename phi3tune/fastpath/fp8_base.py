@@ -10,10 +10,10 @@ memory halved). Only the two GEMMs a frozen base needs change:
 * input gradient ``dX = dY W``: the weight's per-output-channel scale lies on the contracted axis, where a
   rowwise-scaled GEMM cannot apply it, so it is folded into ``dY`` before ``dY`` is quantised per token.
 
-The LoRA branch, its gradients, norms, embeddings and lm_head stay bf16. One FP8 GEMM's per-element relative
-error is ~3.7% against ~0.2% for bf16 (issue 16): a numerics change, opt-in, proven by loss curves
-(``scripts/bench_fp8.py parity``). The quantisers are small pure functions compiled with ``torch.compile`` on
-CUDA (one fused kernel each), eager elsewhere (``phi3_layers._CompiledOnce``).
+The LoRA branch (float32 weights, bf16 compute under autocast), norms, embeddings and lm_head are unchanged.
+One FP8 GEMM's per-element relative error is ~3.7% against ~0.2% for bf16 (issue 16): a numerics change,
+opt-in, measured by loss curves (``scripts/bench_fp8.py parity``). The quantisers are small pure functions compiled with ``torch.compile`` on
+CUDA (one fused kernel each), eager elsewhere (``phi3_layers.CompiledOnce``).
 
 This module is imported only when a config asks for fp8 (the plan's device check, the conversion); the
 fused LoRA linear (``lora_fused.py``) finds ``Float8FrozenLinear`` through ``sys.modules`` for the same reason.
@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from phi3tune.errors import UsageError
-from phi3tune.fastpath.phi3_layers import _CompiledOnce
+from phi3tune.fastpath.lora_fused import compute_dtype
+from phi3tune.fastpath.phi3_layers import CompiledOnce
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ def quantise_rows_scaled(x: torch.Tensor, column_scale: torch.Tensor) -> tuple[t
     return quantise_rows(x.float() * column_scale)
 
 
-_quantise_rows = _CompiledOnce(quantise_rows)
-_quantise_rows_scaled = _CompiledOnce(quantise_rows_scaled)
+_quantise_rows = CompiledOnce(quantise_rows)
+_quantise_rows_scaled = CompiledOnce(quantise_rows_scaled)
 
 
 def fp8_matmul(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -99,12 +100,6 @@ def fp8_input_grad(grad2d: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     weight_t = weight.t().contiguous().t()
     ones = torch.ones(1, weight.shape[1], dtype=torch.float32, device=weight.device)
     return torch._scaled_mm(gq, weight_t, scale_a=g_scale, scale_b=ones, out_dtype=GEMM_OUT)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class _Float8Linear(torch.autograd.Function):
@@ -198,7 +193,7 @@ class Float8FrozenLinear(nn.Module):
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Float8Linear.apply(x, self.weight, self.weight_scale, self.bias, _compute_dtype(x))
+        return _Float8Linear.apply(x, self.weight, self.weight_scale, self.bias, compute_dtype(x))
 
     def fused_lora(self, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
                    scaling: float) -> torch.Tensor:

@@ -135,7 +135,8 @@ def _is_fp8_base(base: Any) -> bool:
     return fp8 is not None and type(base) is fp8.Float8FrozenLinear
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``x``'s matmuls run in: autocast's where autocast is on, else ``x``'s own."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
@@ -147,7 +148,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if name is None:
         return _ORIGINAL_FORWARD(self, x, *args, **kwargs)
     base = self.base_layer
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     if _is_fp8_base(base):
         if x.dtype != dtype:  # an input autocast would cast: peft's path (its base casts nothing either way)
             return _ORIGINAL_FORWARD(self, x, *args, **kwargs)

@@ -81,7 +81,7 @@ def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tenso
     return hidden_states, rmsnorm(hidden_states, weight, eps)
 
 
-class _CompiledOnce:
+class CompiledOnce:
     """``torch.compile(fn)`` on CUDA, eager elsewhere; a compile error falls back to eager, with one warning."""
 
     def __init__(self, fn: Callable):
@@ -106,10 +106,10 @@ class _CompiledOnce:
             return self.fn(*args)
 
 
-_qkv_rope = _CompiledOnce(qkv_rope)
-_swiglu = _CompiledOnce(swiglu)
-_rmsnorm = _CompiledOnce(rmsnorm)
-_add_rmsnorm = _CompiledOnce(add_rmsnorm)
+_qkv_rope = CompiledOnce(qkv_rope)
+_swiglu = CompiledOnce(swiglu)
+_rmsnorm = CompiledOnce(rmsnorm)
+_add_rmsnorm = CompiledOnce(add_rmsnorm)
 
 
 def _plain_norm(module: Any) -> bool:

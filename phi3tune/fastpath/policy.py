@@ -146,6 +146,7 @@ def plan_fast_path(
     gpu_memory: float | None = None,
     env: Mapping[str, str] | None = None,
     shape: memory.ModelShape = memory.PHI3_MINI,
+    sharded: bool | None = None,
 ) -> FastPathPlan:
     """Decide the fast path for ``device_type``; see the module docstring.
 
@@ -156,6 +157,8 @@ def plan_fast_path(
         gpu_memory: Card size in bytes; default: the visible GPU's, else ``DEFAULT_GPU_MEMORY_BYTES``.
         env: Environment for the benchmark overrides (default ``os.environ``).
         shape: The model's size for the memory model (default: Phi-3-mini, which the shipped recipes train).
+        sharded: Whether FSDP2 will shard this run (the launch decides: one process or CPU ranks drop
+            ``fsdp``); default: whether ``fsdp`` is set.
     """
     env = os.environ if env is None else env
     # A key set to null means "let phi3tune decide": it counts as unset.
@@ -163,16 +166,17 @@ def plan_fast_path(
     requested = str(getattr(model_cfg, "attn_implementation", "auto") or "auto").lower()
     quantized = bool(getattr(model_cfg, "quantization", None))
     fp8 = getattr(model_cfg, "base_precision", "bf16") == "fp8"
-    if fp8:
+    planning_only = gpu_memory is not None and device_type == "cuda" and gpu_memory_bytes() is None
+    if fp8 and not planning_only:
         from phi3tune.fastpath import fp8_base  # imported only when a config asks for fp8
 
-        fp8_base.require_fp8_gpu()  # the run and the dry run alike: exit 2 before anything loads
-    planning_only = gpu_memory is not None and device_type == "cuda" and gpu_memory_bytes() is None
+        fp8_base.require_fp8_gpu()  # the run, and a dry run on a GPU: exit 2 before anything loads
     attn = resolve_attn_implementation(requested, device_type, assume_gpu=planning_only)
     plan = FastPathPlan(enabled=False, attn=attn, args=args)
     if fp8:
         plan.notes.append("fp8 base: frozen LoRA base linears in e4m3 with per-channel scales, FP8 GEMMs "
                           "(model.base_precision; it saves memory, not time yet: docs/benchmarks.md)")
+
     if attn == attention.VARLEN:
         plan.patches.append("attention")
     if device_type != "cuda":
@@ -225,7 +229,8 @@ def plan_fast_path(
     # 3. Phi-3's compiled layers (else Liger's kernels), fused LoRA linears, bf16 LoRA inputs.
     compiled_layers = _switch(model_cfg, "compiled_layers", PHI3_LAYERS_ENV, env)
     fused_lora = _switch(model_cfg, "fused_lora", LORA_FUSED_ENV, env)
-    sharded = bool(args.get("fsdp"))
+    if sharded is None:
+        sharded = bool(args.get("fsdp"))
     if sharded:
         compiled_layers = fused_lora = False
         note = ("fast path: compiled Phi-3 layers, Liger kernels and fused LoRA linears off under training_config.fsdp "

@@ -9,13 +9,16 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from phi3tune.model.artefacts import folder_problem
 from phi3tune.training.atomic import staged_folder
 from phi3tune.errors import ResourceError, UsageError
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,7 @@ def require_device_for(quantization: str | None, device: str) -> None:
 
 
 def load_model(model_cfg: Any, *, dtype: torch.dtype, attn_implementation: str, device: str, seed: int,
-               sharded: bool = False):
+               sharded: bool = False) -> "PreTrainedModel":
     """Load (or randomly initialise) the base model on ``device`` for training.
 
     ``random_init`` builds a Phi3ForCausalLM from the real config with the configured sizes, seeded so two
@@ -166,7 +169,7 @@ def load_model(model_cfg: Any, *, dtype: torch.dtype, attn_implementation: str, 
     return model
 
 
-def quantization_config(kind: str, quant_storage: torch.dtype | None = None):
+def quantization_config(kind: str, quant_storage: torch.dtype | None = None) -> "BitsAndBytesConfig":
     """QLoRA's recipe: nf4 with double quantization and bf16 compute (4bit), or LLM.int8 (8bit).
 
     ``quant_storage``: the dtype the packed 4-bit weights are stored in (bitsandbytes' default is uint8). FSDP2

@@ -11,6 +11,7 @@ from typing import Any
 from phi3tune.config.schema import max_length_of
 from phi3tune.fastpath import FastPathPlan, plan_fast_path
 from phi3tune.fastpath.memory import PHI3_MINI, ModelShape
+from phi3tune.training import distributed
 from phi3tune.training.layout import CHECKPOINTS_DIR
 
 
@@ -49,7 +50,9 @@ def build_training_args(cfg: Any, output_dir: Path | None, device: str, dtype: A
         shape: The model's size, for the memory model.
     """
     args = mixed_precision(dict(cfg.training_config), device_type=device, model_dtype=dtype)
-    plan = plan_fast_path(cfg.model, args, device, gpu_memory=gpu_memory, shape=shape)
+    # FSDP2's limits on the fast path apply only where FSDP2 really runs (several GPU ranks).
+    sharded = distributed.strategy(args, device) == "fsdp"
+    plan = plan_fast_path(cfg.model, args, device, gpu_memory=gpu_memory, shape=shape, sharded=sharded)
     args = plan.args
     args["max_length"] = max_length_of(args)  # explicit, so SFTConfig and the data path use the same length
     if output_dir is not None:

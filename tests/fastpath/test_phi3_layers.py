@@ -102,7 +102,7 @@ def test_patch_is_class_level_and_reversible() -> None:
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog) -> None:
     """A compiler error on the first call: the eager function answers, once warned, and is used from then on."""
-    wrapped = phi3_layers._CompiledOnce(phi3_layers.swiglu)
+    wrapped = phi3_layers.CompiledOnce(phi3_layers.swiglu)
 
     class FakeCuda:
         device = torch.device("cuda")
@@ -127,7 +127,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog) -> None:
 
 def test_out_of_memory_is_not_taken_for_a_compile_failure(monkeypatch) -> None:
     """A CUDA OOM inside the compiled function propagates (exit 3 with hints), and compiling stays on."""
-    wrapped = phi3_layers._CompiledOnce(phi3_layers.swiglu)
+    wrapped = phi3_layers.CompiledOnce(phi3_layers.swiglu)
 
     class FakeCuda:
         device = torch.device("cuda")

@@ -107,7 +107,7 @@ def test_fsdp_deprecated_words_are_read_as_fsdp_true():
     (["training_config.fsdp_config=[1]"], "fsdp_config: expected a mapping (or a JSON file path)"),
     (["training_config.fsdp_config=no-such.json"], "fsdp_config: cannot read"),
     (["training_config.deepspeed=ds.json"], "fsdp and deepspeed together"),
-    (["model.random_init=null", "model.quantization=8bit"], "8bit weights cannot be sharded by FSDP2"),
+    (["model.random_init=null", "model.quantization=8bit"], "8-bit weights cannot be sharded by FSDP2"),
 ])
 def test_fsdp_config_problems_are_reported_with_their_key(sets, message):
     from phi3tune.errors import ConfigError
@@ -130,20 +130,21 @@ def test_fsdp_config_json_file_is_read_relative_to_the_config(tmp_path):
     assert cfg.training_config["fsdp_config"] == {"fsdp_reshard_after_forward": False, "fsdp_version": 2}
 
 
-def test_fsdp_activation_checkpointing_turns_gradient_checkpointing_off_or_conflicts(tmp_path):
-    """transformers refuses FSDP's activation_checkpointing with gradient_checkpointing (trl defaults it to true)."""
+def test_fsdp_activation_checkpointing_is_refused_naming_the_replacement(tmp_path):
+    """accelerate's checkpoint wrapper renames the layers, and peft 0.21's save then leaves their adapter weights
+    out (reproduced over gloo): refused before anything starts, pointing at gradient_checkpointing."""
+    from phi3tune.config.load import load_config
     from phi3tune.errors import ConfigError
 
-    sets = ("training_config.fsdp=true", "training_config.fsdp_config={activation_checkpointing: true}")
-    doc = yaml.safe_load(TINY_CONFIG.read_text())
-    doc["training_config"].pop("gradient_checkpointing")
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(doc))
-    from phi3tune.config.load import load_config
+    sets = ["training_config.fsdp=true", "training_config.fsdp_config={activation_checkpointing: true}"]
+    with pytest.raises(ConfigError, match="activation_checkpointing: true is not supported.*gradient_checkpointing: true"):
+        load_config(TINY_CONFIG, sets)
 
-    cfg = load_config(tmp_path / "config.yaml", list(sets))
-    assert cfg.training_config["gradient_checkpointing"] is False
-    with pytest.raises(ConfigError, match="gradient_checkpointing: true together with fsdp_config"):
-        load_config(tmp_path / "config.yaml", [*sets, "training_config.gradient_checkpointing=true"])
+
+def test_deprecated_fsdp_words_leave_a_prefixed_key_of_the_user_alone():
+    cfg = _load("training_config.fsdp=shard_grad_op", "training_config.fsdp_config={fsdp_reshard_after_forward: true}")
+    assert cfg.training_config["fsdp_config"]["fsdp_reshard_after_forward"] is True
+    assert "reshard_after_forward" not in cfg.training_config["fsdp_config"]
 
 
 def test_fsdp_config_without_fsdp_warns_and_state_dict_type_is_explained():
@@ -185,6 +186,18 @@ def test_fast_path_kernels_off_under_fsdp_with_a_note():
     assert plan.args["packing"] is True  # batch-side levers stay on
     plain = plan_fast_path(model, {"bf16": True}, "cuda", gpu_memory=80 * 2**30, env={})
     assert {"lora_fused", "phi3_layers"} <= set(plain.patches)
+
+
+def test_a_run_that_drops_fsdp_keeps_the_whole_fast_path(monkeypatch):
+    """The same YAML on one GPU process: fsdp is dropped at launch, so nothing of FSDP2's limits applies."""
+    from phi3tune.config.load import load_config
+    from phi3tune.training.arguments import build_training_args
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = load_config(TINY_CONFIG, ["training_config.fsdp=true", "model.attn_implementation=auto"])
+    plan = build_training_args(cfg, None, "cuda", torch.bfloat16, gpu_memory=80 * 2**30)
+    assert {"lora_fused", "phi3_layers"} <= set(plan.patches)
+    assert not any("off under training_config.fsdp" in note for note in plan.notes)
 
 
 def test_qlora_under_fsdp_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
