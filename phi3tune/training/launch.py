@@ -26,13 +26,15 @@ class WorkerFailed(Phi3TuneError):
 
 
 def resolve_nproc(value: str) -> int:
-    """``auto`` = the visible GPUs (1 without any); else a positive integer.
+    """``auto`` = the visible GPUs (1 without any); else a positive integer, at most one per visible GPU.
 
     Raises:
-        UsageError: Neither ``auto`` nor a positive integer.
+        UsageError: Neither ``auto`` nor a positive integer, or more processes than visible GPUs (NCCL runs one
+            rank per GPU; on a machine without GPUs the ranks are CPU processes and any number works).
     """
+    gpus = torch.cuda.device_count()
     if value.strip().lower() == "auto":
-        return max(1, torch.cuda.device_count())
+        return max(1, gpus)
     try:
         n = int(value)
     except ValueError:
@@ -40,6 +42,12 @@ def resolve_nproc(value: str) -> int:
     if n < 1:
         raise UsageError(f"--nproc {value!r}: expected a positive number of processes or 'auto'.",
                          hint="e.g. --nproc 2, or --nproc auto for one process per visible GPU.")
+    if gpus and n > gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise UsageError(f"--nproc {n}: only {gpus} GPU{'s' if gpus > 1 else ''} visible"
+                         + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+                         + "; each rank needs a GPU of its own.",
+                         hint=f"--nproc {gpus} (or --nproc auto), or make more GPUs visible.")
     return n
 
 

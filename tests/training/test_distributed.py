@@ -179,6 +179,11 @@ def test_nproc_values(monkeypatch):
     for bad in ("0", "-1", "two"):
         with pytest.raises(UsageError, match="--nproc"):
             launch.resolve_nproc(bad)
+    monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(UsageError, match=r"--nproc 4: only 2 GPUs visible \(CUDA_VISIBLE_DEVICES=0,1\)") as info:
+        launch.resolve_nproc("4")  # NCCL would fail later with a duplicate-GPU error on every rank
+    assert "--nproc 2" in info.value.hint
 
 
 def test_layout_and_strategy(monkeypatch):
