@@ -137,6 +137,56 @@ def bench_linear(k: int, n: int, tokens: int, device: str, timed: Callable[[Call
     }
 
 
+def bench_fusion(tokens: int, hidden: int, intermediate: int, device: str,
+                 timed: Callable[[Callable[[], None]], float]) -> dict:
+    """What issue 16's next step would buy: per-token quantisation fused into the kernels that write the FP8
+    GEMMs' inputs (RMSNorm -> qkv_proj / gate_up_proj, SwiGLU -> down_proj), against those kernels alone plus a
+    separate quantisation pass, and a bandwidth floor (a plain cast). Experiments only: nothing here is on the
+    training path. Per layer there are two norms and one SwiGLU."""
+    import torch
+
+    from phi3tune.fastpath import fp8_base
+    from phi3tune.fastpath.phi3_layers import rmsnorm, swiglu
+
+    def compile_(fn, **kw):
+        return torch.compile(fn, **kw) if device == "cuda" else fn
+
+    def norm_quant(x, w, eps):
+        y = rmsnorm(x, w, eps)
+        return (y, *fp8_base.quantise_rows(y))
+
+    def swiglu_quant(gate_up):
+        y = swiglu(gate_up)
+        return (y, *fp8_base.quantise_rows(y))
+
+    bf16 = torch.bfloat16
+    x = torch.randn(tokens, hidden, device=device, dtype=bf16)
+    w = torch.ones(hidden, device=device, dtype=bf16)
+    gate_up = torch.randn(tokens, 2 * intermediate, device=device, dtype=bf16)
+    act = torch.randn(tokens, intermediate, device=device, dtype=bf16)
+    norm, norm_q = compile_(rmsnorm), compile_(norm_quant)
+    act_fn, act_q = compile_(swiglu), compile_(swiglu_quant)
+    quant_static = compile_(fp8_base.quantise_rows, dynamic=False)
+    ms = {
+        "rmsnorm": timed(lambda: norm(x, w, 1e-5)),
+        "rmsnorm_then_quant": timed(lambda: fp8_base._quantise_rows(norm(x, w, 1e-5))),
+        "rmsnorm_quant_fused": timed(lambda: norm_q(x, w, 1e-5)),
+        "swiglu": timed(lambda: act_fn(gate_up)),
+        "swiglu_then_quant": timed(lambda: fp8_base._quantise_rows(act_fn(gate_up))),
+        "swiglu_quant_fused": timed(lambda: act_q(gate_up)),
+        "quant_hidden_static_shapes": timed(lambda: quant_static(x)),
+        "quant_intermediate_static_shapes": timed(lambda: quant_static(act)),
+        "cast_floor_hidden": timed(lambda: x.to(fp8_base.FP8)),
+        "cast_floor_intermediate": timed(lambda: act.to(fp8_base.FP8)),
+    }
+    per_layer = {
+        "separate": round(2 * ms["rmsnorm_then_quant"] + ms["swiglu_then_quant"], 4),
+        "fused": round(2 * ms["rmsnorm_quant_fused"] + ms["swiglu_quant_fused"], 4),
+        "kernels_alone": round(2 * ms["rmsnorm"] + ms["swiglu"], 4),
+    }
+    return {"ms": {key: round(v, 4) for key, v in ms.items()}, "per_layer_ms": per_layer}
+
+
 def gemm(args: argparse.Namespace) -> dict:
     import torch
 
@@ -151,8 +201,10 @@ def gemm(args: argparse.Namespace) -> dict:
     per_layer["bf16_gemms"] = round(per_layer["bf16_fwd"] + per_layer["bf16_dgrad"], 3)
     per_layer["fp8_gemms_alone"] = round(per_layer["fp8_fwd_gemm"] + per_layer["fp8_dgrad_gemm"], 3)
     per_layer["fp8_with_quantisation"] = round(per_layer["fp8_fwd"] + per_layer["fp8_dgrad"], 3)
+    fusion = bench_fusion(tokens, 3072 // shrink, 8192 // shrink, device, timed)
     return {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke: shapes / 32)",
-            "torch": torch.__version__, "tokens": tokens, "per_layer_ms": per_layer, "linears": linears}
+            "torch": torch.__version__, "tokens": tokens, "per_layer_ms": per_layer, "linears": linears,
+            "quantisation_fusion": fusion}
 
 
 # ----------------------------------------------------------------------------------------------- parity
@@ -285,6 +337,9 @@ def main() -> None:
             print(f"  {name:14s} rel error fwd bf16 {lin['rel_error']['bf16_fwd']} fp8 {lin['rel_error']['fp8_fwd']}; "
                   f"TFLOP/s fp8 gemm {lin['tflops']['fp8_fwd_gemm']}/{lin['tflops']['fp8_dgrad_gemm']}, "
                   f"bf16 {lin['tflops']['bf16_fwd']}/{lin['tflops']['bf16_dgrad']}")
+        print("# quantisation fused into the norm / SwiGLU kernels (2 norms + 1 SwiGLU a layer), ms:")
+        for key, value in {**result["quantisation_fusion"]["ms"], **result["quantisation_fusion"]["per_layer_ms"]}.items():
+            print(f"  {key:34s} {value:8.3f}")
     print(f"wrote {path}")
 
 
