@@ -123,8 +123,7 @@ def _recipe(cfg, output_dir: Path, *, resume: bool, overwrite: bool, console: Co
     for note in setup.fast_path.notes:
         console.print(note)
     model = loading.load_model(cfg.model, dtype=setup.dtype, attn_implementation=setup.fast_path.attn,
-                               device=setup.device, seed=cfg.seed,
-                               sharded=distributed.strategy(setup.fast_path.args, setup.device) == "fsdp")
+                               device=setup.device, seed=cfg.seed, sharded=setup.fast_path.sharded)
 
     # 5. The run folder: a new run's is staged (an --overwrite's old run moved aside) until trl has accepted
     #    the settings and training begins; any failure before that puts everything back as it was.

@@ -34,6 +34,21 @@ INVALID_ROWS = [
 FAKE_TOKEN = "hf_" + "Q" * 34
 
 
+# Several-process runs (tests/training/test_distributed.py, test_fsdp2.py): a 64-wide tiny model, 10 steps, a
+# checkpoint every 5, a loss line every step, no eval.
+DISTRIBUTED_STEPS = 10
+DISTRIBUTED_SETS = {
+    "model.random_init.hidden_size": 64,
+    "model.random_init.intermediate_size": 128,
+    "data.eval": "null",
+    "training_config.eval_strategy": "no",
+    "training_config.max_steps": DISTRIBUTED_STEPS,
+    "training_config.save_steps": 5,
+    "training_config.logging_steps": 1,
+    "training_config.warmup_steps": 0,
+}
+
+
 def write_train_file(directory: Path) -> Path:
     """N_VALID sample chats with three invalid rows mixed in (lines 5, 11, 20), for ``on_invalid: skip``."""
     rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:N_VALID]]

@@ -81,6 +81,7 @@ class FastPathPlan:
         memory: The memory model's prediction for the chosen checkpointing (CUDA only).
         gpu_memory_bytes: The card size the plan was made for (CUDA only).
         kbit_prepare: QLoRA is prepared with ``phi3tune.model.prepare_kbit_model`` (bf16 norms), not peft's.
+        sharded: FSDP2 shards this run's weights (several GPU ranks with ``training_config.fsdp``).
     """
 
     enabled: bool
@@ -92,6 +93,7 @@ class FastPathPlan:
     memory: memory.MemoryEstimate | None = None
     gpu_memory_bytes: float | None = None
     kbit_prepare: bool = False
+    sharded: bool = False
 
 
 def _switch(model_cfg: Any, key: str, env_name: str, env: Mapping[str, str]) -> bool:
@@ -172,7 +174,9 @@ def plan_fast_path(
 
         fp8_base.require_fp8_gpu()  # the run, and a dry run on a GPU: exit 2 before anything loads
     attn = resolve_attn_implementation(requested, device_type, assume_gpu=planning_only)
-    plan = FastPathPlan(enabled=False, attn=attn, args=args)
+    if sharded is None:
+        sharded = bool(args.get("fsdp"))
+    plan = FastPathPlan(enabled=False, attn=attn, args=args, sharded=sharded)
     if fp8:
         plan.notes.append("fp8 base: frozen LoRA base linears in e4m3 with per-channel scales, FP8 GEMMs "
                           "(model.base_precision; it saves memory, not time yet: docs/benchmarks.md)")
@@ -229,8 +233,6 @@ def plan_fast_path(
     # 3. Phi-3's compiled layers (else Liger's kernels), fused LoRA linears, bf16 LoRA inputs.
     compiled_layers = _switch(model_cfg, "compiled_layers", PHI3_LAYERS_ENV, env)
     fused_lora = _switch(model_cfg, "fused_lora", LORA_FUSED_ENV, env)
-    if sharded is None:
-        sharded = bool(args.get("fsdp"))
     if sharded:
         compiled_layers = fused_lora = False
         note = ("fast path: compiled Phi-3 layers, Liger kernels and fused LoRA linears off under training_config.fsdp "

@@ -19,23 +19,12 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, TINY_CONFIG, needs_hf_home
+from helpers import DISTRIBUTED_SETS as SETS, DISTRIBUTED_STEPS as STEPS
 from helpers import adapter_tensors, assert_same_losses, cli, losses, metrics_rows
 from helpers import run_phi3tune as _phi3tune, subprocess_env as _env, torchrun_command as _torchrun
 from helpers import wait_for_step as _wait_for_step
 
 pytestmark = needs_hf_home
-
-STEPS = 10
-SETS = {
-    "model.random_init.hidden_size": 64,
-    "model.random_init.intermediate_size": 128,
-    "data.eval": "null",
-    "training_config.eval_strategy": "no",
-    "training_config.max_steps": STEPS,
-    "training_config.save_steps": 5,
-    "training_config.logging_steps": 1,
-    "training_config.warmup_steps": 0,
-}
 
 
 def _args(out: Path, per_rank_batch: int, *extra: str, **sets) -> list[str]:

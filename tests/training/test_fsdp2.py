@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from conftest import REPO_ROOT, TINY_CONFIG, needs_hf_home
+from helpers import DISTRIBUTED_SETS, DISTRIBUTED_STEPS as STEPS
 from helpers import (adapter_tensors, assert_same_losses, cli, losses, metrics_rows, pickle_like_files, run_phi3tune,
                      subprocess_env, wait_for_step)
 
@@ -40,17 +41,9 @@ needs_two_gpus = pytest.mark.skipif(
     reason="FSDP2 through accelerate needs >= 2 CUDA GPUs (accelerate/state.py:986-1016 builds FSDP only for "
     "accelerator ranks; CPU ranks train DDP)")
 
-STEPS = 10
 SETS = {
+    **DISTRIBUTED_SETS,
     "model.dtype": "float32",  # no mixed precision: DDP and FSDP2 differ only in the order of their reductions
-    "model.random_init.hidden_size": 64,
-    "model.random_init.intermediate_size": 128,
-    "data.eval": "null",
-    "training_config.eval_strategy": "no",
-    "training_config.max_steps": STEPS,
-    "training_config.save_steps": 5,
-    "training_config.logging_steps": 1,
-    "training_config.warmup_steps": 0,
     "training_config.per_device_train_batch_size": 4,
 }
 FSDP2 = {"training_config.fsdp": "true", "training_config.fsdp_config": "{fsdp_version: 2}"}
