@@ -45,7 +45,9 @@ PHI3_LINEARS = {"qkv_proj": (3072, 9216), "o_proj": (3072, 3072), "gate_up_proj"
 
 
 # ----------------------------------------------------------------------------------------------- gemm
-def _timer(device: str, iters: int, warmup: int):
+def _timer(device: str, iters: int, warmup: int, back_to_back: int = 1):
+    """Median ms a call. ``back_to_back`` > 1 times that many calls between two events (per call): the GPU's
+    rate when the CPU keeps ahead, as in training; 1 adds each call's CPU launch cost (Python, compile guards)."""
     import torch
 
     def run(fn) -> float:
@@ -56,10 +58,11 @@ def _timer(device: str, iters: int, warmup: int):
             if device == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                for _ in range(back_to_back):
+                    fn()
                 end.record()
                 end.synchronize()
-                times.append(start.elapsed_time(end))
+                times.append(start.elapsed_time(end) / back_to_back)
             else:
                 t0 = time.perf_counter()
                 fn()
@@ -78,7 +81,7 @@ def bench_linear(k: int, n: int, tokens: int, device: str, timed: Callable[[Call
     import torch
     import torch.nn.functional as F
 
-    from phi3tune.fastpath import fp8_base
+    from phi3tune.fastpath import fp8_base, fp8_quantise
     from phi3tune.fastpath.lora_fused import _FusedLoraLinear
 
     bf16 = torch.bfloat16
@@ -90,8 +93,8 @@ def bench_linear(k: int, n: int, tokens: int, device: str, timed: Callable[[Call
     lin.weight.copy_(w)
     fp8 = fp8_base.Float8FrozenLinear.from_linear(lin)
     wq, sw = fp8.weight, fp8.weight_scale
-    xq, sx = fp8_base._quantise_rows(x)
-    dyq, sdy = fp8_base._quantise_rows_scaled(dy, sw)
+    xq, sx = fp8_quantise.rows(x)
+    dyq, sdy = fp8_quantise.rows_scaled(dy, sw)
     wt = wq.t().contiguous().t()
     ones = torch.ones(1, k, device=device)
     a = (torch.randn(rank, k, device=device) * 0.01).to(bf16).requires_grad_(True)
@@ -114,9 +117,12 @@ def bench_linear(k: int, n: int, tokens: int, device: str, timed: Callable[[Call
                                                                   out_dtype=bf16, use_fast_accum=True)),
         "fp8_dgrad_gemm_fast_accum": timed(lambda: torch._scaled_mm(dyq, wt, scale_a=sdy, scale_b=ones, out_dtype=bf16,
                                                                     use_fast_accum=True)),
-        "quant_x": timed(lambda: fp8_base._quantise_rows(x)),
-        "quant_dy": timed(lambda: fp8_base._quantise_rows_scaled(dy, sw)),
-        "transpose_w": timed(lambda: wq.t().contiguous()),
+        "quant_x": timed(lambda: fp8_quantise.rows(x)),  # Triton on CUDA (fp8_kernels.py)
+        "quant_dy": timed(lambda: fp8_quantise.rows_scaled(dy, sw)),
+        "transpose_w": timed(lambda: fp8_quantise.transposed(wq)),
+        "quant_x_compiled": timed(lambda: fp8_quantise._compiled_rows(x)),  # the fallback without Triton
+        "quant_dy_compiled": timed(lambda: fp8_quantise._compiled_rows_scaled(dy, sw)),
+        "transpose_w_torch": timed(lambda: wq.t().contiguous()),
         "fp8_fwd": timed(lambda: fp8_base.fp8_matmul(x, wq, sw)),
         "fp8_dgrad": timed(lambda: fp8_base.fp8_input_grad(dy, wq, sw)),
         "module_bf16": timed(fwd_bwd(lambda: F.linear(xg, w))),
@@ -145,34 +151,27 @@ def bench_fusion(tokens: int, hidden: int, intermediate: int, device: str,
     training path. Per layer there are two norms and one SwiGLU."""
     import torch
 
-    from phi3tune.fastpath import fp8_base
+    from phi3tune.fastpath import fp8_base, fp8_quantise
     from phi3tune.fastpath.phi3_layers import rmsnorm, swiglu
 
     def compile_(fn, **kw):
         return torch.compile(fn, **kw) if device == "cuda" else fn
-
-    def norm_quant(x, w, eps):
-        y = rmsnorm(x, w, eps)
-        return (y, *fp8_base.quantise_rows(y))
-
-    def swiglu_quant(gate_up):
-        y = swiglu(gate_up)
-        return (y, *fp8_base.quantise_rows(y))
 
     bf16 = torch.bfloat16
     x = torch.randn(tokens, hidden, device=device, dtype=bf16)
     w = torch.ones(hidden, device=device, dtype=bf16)
     gate_up = torch.randn(tokens, 2 * intermediate, device=device, dtype=bf16)
     act = torch.randn(tokens, intermediate, device=device, dtype=bf16)
-    norm, norm_q = compile_(rmsnorm), compile_(norm_quant)
-    act_fn, act_q = compile_(swiglu), compile_(swiglu_quant)
+    # the training path's own fused functions (fp8_quantise.quantise_in_kernels)
+    norm, norm_q = compile_(rmsnorm), compile_(fp8_quantise.rmsnorm_quantised)
+    act_fn, act_q = compile_(swiglu), compile_(fp8_quantise.swiglu_quantised)
     quant_static = compile_(fp8_base.quantise_rows, dynamic=False)
     ms = {
         "rmsnorm": timed(lambda: norm(x, w, 1e-5)),
-        "rmsnorm_then_quant": timed(lambda: fp8_base._quantise_rows(norm(x, w, 1e-5))),
+        "rmsnorm_then_quant": timed(lambda: fp8_quantise.rows(norm(x, w, 1e-5))),
         "rmsnorm_quant_fused": timed(lambda: norm_q(x, w, 1e-5)),
         "swiglu": timed(lambda: act_fn(gate_up)),
-        "swiglu_then_quant": timed(lambda: fp8_base._quantise_rows(act_fn(gate_up))),
+        "swiglu_then_quant": timed(lambda: fp8_quantise.rows(act_fn(gate_up))),
         "swiglu_quant_fused": timed(lambda: act_q(gate_up)),
         "quant_hidden_static_shapes": timed(lambda: quant_static(x)),
         "quant_intermediate_static_shapes": timed(lambda: quant_static(act)),
@@ -187,13 +186,58 @@ def bench_fusion(tokens: int, hidden: int, intermediate: int, device: str,
     return {"ms": {key: round(v, 4) for key, v in ms.items()}, "per_layer_ms": per_layer}
 
 
+def launch_costs(device: str) -> dict:
+    """CPU microseconds a call on tiny operands (the GPU never the bottleneck): what each op costs a step that is
+    bound by the CPU launching kernels, as the fp8 step was (42% GPU-busy under the profiler)."""
+    import torch
+
+    from phi3tune.fastpath import fp8_base, fp8_quantise
+    from phi3tune.fastpath.lora_fused import _FusedLoraLinear
+
+    bf16 = torch.bfloat16
+    x = torch.randn(64, 256, device=device, dtype=bf16, requires_grad=True)
+    w = torch.randn(512, 256, device=device, dtype=bf16)
+    a = torch.randn(16, 256, device=device, dtype=bf16, requires_grad=True)
+    b = torch.randn(512, 16, device=device, dtype=bf16, requires_grad=True)
+    dy = torch.randn(64, 512, device=device, dtype=bf16)
+    lin = torch.nn.Linear(256, 512, bias=False, device=device, dtype=bf16).requires_grad_(False)
+    fp8 = fp8_base.Float8FrozenLinear.from_linear(lin)
+    xd = x.detach()
+
+    def per_call(fn, n: int = 200) -> float:
+        for _ in range(10):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        elapsed = time.perf_counter() - t0
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return round(elapsed / n * 1e6, 1)
+
+    return {
+        "mm": per_call(lambda: torch.mm(xd, w.t())),
+        "scaled_mm": per_call(lambda: torch._scaled_mm(*fp8_quantise.rows(xd)[:1], fp8.weight.t(),
+                                                       scale_a=torch.ones(64, 1, device=device),
+                                                       scale_b=fp8.weight_scale.view(1, -1), out_dtype=bf16)),
+        "quantise_triton_or_eager": per_call(lambda: fp8_quantise.rows(xd)),
+        "quantise_compiled": per_call(lambda: fp8_quantise._compiled_rows(xd)),
+        "transpose": per_call(lambda: fp8_quantise.transposed(fp8.weight)),
+        "lora_fused_bf16_fwd_bwd": per_call(lambda: _FusedLoraLinear.apply(x, w, None, a, b, 2.0).backward(dy)),
+        "lora_fused_fp8_fwd_bwd": per_call(lambda: fp8.fused_lora(x, a, b, 2.0).backward(dy)),
+    }
+
+
 def gemm(args: argparse.Namespace) -> dict:
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu"
     shrink = 1 if device == "cuda" else 32
     tokens = args.tokens if device == "cuda" else 256
-    timed = _timer(device, args.iters if device == "cuda" else 2, args.warmup if device == "cuda" else 1)
+    timed = _timer(device, args.iters if device == "cuda" else 2, args.warmup if device == "cuda" else 1,
+                   args.back_to_back if device == "cuda" else 1)
     linears = {name: bench_linear(k // shrink, n // shrink, tokens, device, timed)
                for name, (k, n) in PHI3_LINEARS.items()}
     keys = next(iter(linears.values()))["ms"].keys()
@@ -203,8 +247,8 @@ def gemm(args: argparse.Namespace) -> dict:
     per_layer["fp8_with_quantisation"] = round(per_layer["fp8_fwd"] + per_layer["fp8_dgrad"], 3)
     fusion = bench_fusion(tokens, 3072 // shrink, 8192 // shrink, device, timed)
     return {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke: shapes / 32)",
-            "torch": torch.__version__, "tokens": tokens, "per_layer_ms": per_layer, "linears": linears,
-            "quantisation_fusion": fusion}
+            "torch": torch.__version__, "tokens": tokens, "back_to_back": args.back_to_back, "per_layer_ms": per_layer, "linears": linears,
+            "quantisation_fusion": fusion, "launch_cpu_us": launch_costs(device)}
 
 
 # ----------------------------------------------------------------------------------------------- parity
@@ -251,10 +295,10 @@ def parity(args: argparse.Namespace) -> dict:
             print(f"{data}: skipped, {real} not found", flush=True)
             continue
         rows = {}
-        for precision in ("bf16", "fp8"):
+        for precision in ("bf16", "fp8") + (("bf16-repeat",) if args.repeat_bf16 else ()):
             name = f"parity-{data}-{precision}"
             spec = dict(via="recipe", config="configs/lora.yaml", name=name, steps=steps, warmup=0,
-                        sets=_parity_sets(precision, args, sources[data]))
+                        sets=_parity_sets(precision.split("-")[0], args, sources[data]))
             rctx = dict(ctx, result=str(tmp / f"{name}.json"))
             Path(rctx["result"]).unlink(missing_ok=True)
             t0 = time.perf_counter()
@@ -275,12 +319,19 @@ def parity(args: argparse.Namespace) -> dict:
                 rows[precision] = {"error": f"rc={rc} (see rows.log)"}
             print(f"{name}: {time.perf_counter() - t0:.0f} s {rows[precision].get('error', '')}", flush=True)
         entry = dict(rows)
-        if all("losses" in r for r in rows.values()):
+        if "losses" in rows["bf16"] and "losses" in rows["fp8"]:
             entry["comparison"] = _compare(rows["bf16"]["losses"], rows["fp8"]["losses"])
+            if "losses" in rows.get("bf16-repeat", {}):  # the same bf16 run twice: how far the loss moves without any change
+                entry["bf16_repeat_comparison"] = _compare(rows["bf16"]["losses"], rows["bf16-repeat"]["losses"])
+                c = entry["bf16_repeat_comparison"]
+                print(f"{data}: bf16 vs bf16 again: max rel diff {c['max_rel_diff']} at step {c['worst_step']}, "
+                      f"mean {c['mean_rel_diff']}", flush=True)
             c = entry["comparison"]
             print(f"{data}: max rel diff {c['max_rel_diff']} at step {c['worst_step']} over {c['steps_compared']} "
                   f"steps (within 1%: {c['within_1pct']}); loss {c['first_loss']} -> {c['last_loss']}", flush=True)
         results["data"][data] = entry
+        # after each set: a call cut short by its time limit still leaves the sets it finished
+        (Path(args.out) / "fp8_parity.json").write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -289,7 +340,7 @@ def _row(spec_json: str, cpu_smoke: bool) -> None:
     import bench
 
     if cpu_smoke:  # CPU torch has _scaled_mm: only to check this script end to end, never a measurement
-        from phi3tune.fastpath import fp8_base
+        from phi3tune.fastpath import fp8_base, fp8_quantise
 
         fp8_base.require_fp8_gpu = lambda: None
     spec, ctx = json.loads(spec_json)
@@ -304,6 +355,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8192, help="gemm: tokens of the micro-batch")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--back-to-back", type=int, default=10,
+                   help="gemm: calls timed between two CUDA events (1: each call's CPU launch cost included)")
     p.add_argument("--tmp", default="/tmp/phi3bench", help="parity: scripts/bench.py's work folder (base model, data)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rows", type=int, default=2, help="parity: packed rows a micro-batch")
@@ -311,6 +364,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=700, help="parity: synthetic chats (~1 epoch of 200 steps)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--data", default="synthetic,real")
+    p.add_argument("--repeat-bf16", action="store_true",
+                   help="parity: run bf16 a second time, the run-to-run difference fp8's is read against")
     shared = Path(os.environ.get("PHI3TUNE_SHARED", REPO.parent / "shared"))
     p.add_argument("--real-data", default=str(shared / "datasets" / "gsm8k_chat.messages.jsonl"))
     p.add_argument("--row-timeout", type=int, default=300)
@@ -340,6 +395,7 @@ def main() -> None:
         print("# quantisation fused into the norm / SwiGLU kernels (2 norms + 1 SwiGLU a layer), ms:")
         for key, value in {**result["quantisation_fusion"]["ms"], **result["quantisation_fusion"]["per_layer_ms"]}.items():
             print(f"  {key:34s} {value:8.3f}")
+        print("# CPU us a call (tiny operands):", json.dumps(result["launch_cpu_us"]))
     print(f"wrote {path}")
 
 

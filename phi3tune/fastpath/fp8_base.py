@@ -12,8 +12,9 @@ memory halved). Only the two GEMMs a frozen base needs change:
 
 The LoRA branch (float32 weights, bf16 compute under autocast), norms, embeddings and lm_head are unchanged.
 One FP8 GEMM's per-element relative error is ~3.7% against ~0.2% for bf16 (issue 16): a numerics change,
-opt-in, measured by loss curves (``scripts/bench_fp8.py parity``). The quantisers are small pure functions compiled with ``torch.compile`` on
-CUDA (one fused kernel each), eager elsewhere (``phi3_layers.CompiledOnce``).
+opt-in, measured by loss curves (``scripts/bench_fp8.py parity``). The quantisers and the weight transpose
+are in ``fp8_quantise.py`` (Triton kernels on CUDA); the inputs of qkv_proj, gate_up_proj and down_proj arrive
+quantised by the compiled norm / SwiGLU kernels that write them (``fp8_quantise.quantise_in_kernels``).
 
 This module is imported only when a config asks for fp8 (the plan's device check, the conversion); the
 fused LoRA linear (``lora_fused.py``) finds ``Float8FrozenLinear`` through ``sys.modules`` for the same reason.
@@ -29,15 +30,12 @@ import torch
 from torch import nn
 
 from phi3tune.errors import UsageError
+from phi3tune.fastpath import fp8_quantise
+from phi3tune.fastpath.fp8_quantise import FP8, quantise_rows, quantise_rows_scaled  # noqa: F401 - re-exported
 from phi3tune.fastpath.lora_fused import compute_dtype
-from phi3tune.fastpath.phi3_layers import CompiledOnce
 
 log = logging.getLogger(__name__)
 
-FP8 = torch.float8_e4m3fn
-E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-# A row of zeros gets this scale (its quantised values are 0 either way) instead of a division by zero.
-MIN_AMAX = 1e-12
 # FP8 GEMMs on Hopper: K and N multiples of 16, else the layer stays bf16.
 ALIGN = 16
 MIN_CAPABILITY = (9, 0)
@@ -68,38 +66,34 @@ def require_fp8_gpu() -> None:
         )
 
 
-# ----------------------------------------------------------------------------------------------- quantisers
-def quantise_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row e4m3 quantisation: ``x ~= xq * scale`` with ``scale = amax(row) / 448`` of shape ``(rows, 1)``."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_AMAX) / E4M3_MAX
-    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), scale
+_ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
-def quantise_rows_scaled(x: torch.Tensor, column_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantise_rows(x * column_scale)``: the weight's per-output-channel scale folded into ``dY``, in one pass."""
-    return quantise_rows(x.float() * column_scale)
+def _unit_scale(n: int, device: torch.device) -> torch.Tensor:
+    """A ``(1, n)`` float32 tensor of ones (the input-gradient GEMM's unit column scale), made once a shape."""
+    key = (n, device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones(1, n, dtype=torch.float32, device=device)
+    return _ONES[key]
 
 
-_quantise_rows = CompiledOnce(quantise_rows)
-_quantise_rows_scaled = CompiledOnce(quantise_rows_scaled)
-
-
-def fp8_matmul(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """``x2d @ W^T`` (bf16) from the e4m3 weight ``(N, K)`` and its ``(N,)`` scales, ``x2d`` quantised per token."""
-    xq, x_scale = _quantise_rows(x2d)
+def fp8_matmul(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               quantised: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``x2d @ W^T`` (bf16) from the e4m3 weight ``(N, K)`` and its ``(N,)`` scales, ``x2d`` quantised per token
+    (here, or ``quantised`` already)."""
+    xq, x_scale = quantised if quantised is not None else fp8_quantise.rows(x2d)
     # weight.t() is (K, N) column-major: both operands K-major, as Hopper's FP8 GEMMs need.
     return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=GEMM_OUT)
 
 
 def fp8_input_grad(grad2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """``dY @ W`` (bf16): ``dY * scale_w`` quantised per token against the e4m3 weight."""
-    gq, g_scale = _quantise_rows_scaled(grad2d, weight_scale)
+    gq, g_scale = fp8_quantise.rows_scaled(grad2d, weight_scale)
     # The second operand must be W as (N, K) column-major, i.e. W^T stored row-major: transposed here, each
-    # backward (1 byte a parameter, ~30 us for gate_up_proj on an H200), rather than a second stored copy.
-    weight_t = weight.t().contiguous().t()
-    ones = torch.ones(1, weight.shape[1], dtype=torch.float32, device=weight.device)
-    return torch._scaled_mm(gq, weight_t, scale_a=g_scale, scale_b=ones, out_dtype=GEMM_OUT)
+    # backward (1 byte a parameter), rather than kept as a second stored copy (the memory fp8 saves).
+    weight_t = fp8_quantise.transposed(weight).t()
+    return torch._scaled_mm(gq, weight_t, scale_a=g_scale, scale_b=_unit_scale(weight.shape[1], weight.device),
+                            out_dtype=GEMM_OUT)
 
 
 class _Float8Linear(torch.autograd.Function):
@@ -108,7 +102,7 @@ class _Float8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, weight_scale, bias, out_dtype: torch.dtype):
         x2d = x.reshape(-1, x.shape[-1])
-        y = fp8_matmul(x2d, weight, weight_scale).to(out_dtype)
+        y = fp8_matmul(x2d, weight, weight_scale, fp8_quantise.input_rows(x, x2d)).to(out_dtype)
         if bias is not None:
             y.add_(bias)
         ctx.save_for_backward(weight, weight_scale)  # not x: the frozen weight needs no weight gradient
@@ -136,7 +130,7 @@ class _Float8LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, weight_scale, bias, weight_a, weight_b, scaling: float):
         x2d = x.reshape(-1, x.shape[-1])
-        y = fp8_matmul(x2d, weight, weight_scale).to(x.dtype)
+        y = fp8_matmul(x2d, weight, weight_scale, fp8_quantise.input_rows(x, x2d)).to(x.dtype)
         if bias is not None:
             y.add_(bias)
         h = torch.mm(x2d, weight_a.t())
@@ -244,7 +238,8 @@ def convert_lora_bases(model: nn.Module) -> Fp8Conversion:
 
     Run once, after peft has wrapped the model and before the optimizer and DDP see it; the bf16 weights are
     released as their layers are replaced. The converted tensors are set aside for DDP: every rank converts the
-    same weights, so they need no broadcast (and NCCL need not know e4m3).
+    same weights, so they need no broadcast (and NCCL need not know e4m3). From here until the fast path is
+    unpatched, phi3_layers' norm and SwiGLU kernels also quantise their outputs for these linears.
     """
     from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -264,6 +259,8 @@ def convert_lora_bases(model: nn.Module) -> Fp8Conversion:
         layer.base_layer = fp8  # the last reference to the bf16 Linear: its weight is freed here
         done.linears += 1
         ignored += [f"{name}.base_layer.weight", f"{name}.base_layer.weight_scale"]
+    if done.linears:  # the fast path's norms and SwiGLU quantise the inputs they write (while phi3_layers is on)
+        fp8_quantise.quantise_in_kernels()
     previous = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, previous + ignored)
     for line in done.kept:

@@ -110,6 +110,18 @@ _qkv_rope = CompiledOnce(qkv_rope)
 _swiglu = CompiledOnce(swiglu)
 _rmsnorm = CompiledOnce(rmsnorm)
 _add_rmsnorm = CompiledOnce(add_rmsnorm)
+# Replacements for the three above with the same results, set by an fp8 run (``fp8_base.quantise_in_kernels``):
+# they also quantise their output for the FP8 linear that reads it, inside the same compiled kernel.
+_REPLACED: dict[str, Callable] = {}
+
+
+def replace_kernels(**kernels: Callable) -> None:
+    """Use other functions for ``rmsnorm`` / ``add_rmsnorm`` / ``swiglu`` (same arguments and results) until
+    ``unpatch()``."""
+    unknown = set(kernels) - {"rmsnorm", "add_rmsnorm", "swiglu"}
+    if unknown:
+        raise ValueError(f"no such kernel: {sorted(unknown)}")
+    _REPLACED.update(kernels)
 
 
 def _plain_norm(module: Any) -> bool:
@@ -134,7 +146,7 @@ def decoder_layer_forward(
                                     position_embeddings=position_embeddings, **kwargs)  # fmt: skip
     norm = self.input_layernorm
     residual = hidden_states
-    hidden_states = _rmsnorm(hidden_states, norm.weight, norm.variance_epsilon)
+    hidden_states = _REPLACED.get("rmsnorm", _rmsnorm)(hidden_states, norm.weight, norm.variance_epsilon)
     hidden_states, _ = self.self_attn(
         hidden_states=hidden_states,
         attention_mask=attention_mask,
@@ -145,7 +157,8 @@ def decoder_layer_forward(
         **kwargs,
     )
     norm = self.post_attention_layernorm
-    residual, hidden_states = _add_rmsnorm(residual, hidden_states, norm.weight, norm.variance_epsilon)
+    add_norm = _REPLACED.get("add_rmsnorm", _add_rmsnorm)
+    residual, hidden_states = add_norm(residual, hidden_states, norm.weight, norm.variance_epsilon)
     hidden_states = self.mlp(hidden_states)
     return residual + hidden_states
 
@@ -192,7 +205,7 @@ def mlp_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     """``Phi3MLP.forward`` with the SwiGLU as one function of the fused ``gate_up_proj`` output."""
     if self.config.hidden_act not in ("silu", "swish"):
         return _ORIGINAL["mlp"](self, hidden_states)
-    return self.down_proj(_swiglu(self.gate_up_proj(hidden_states)))
+    return self.down_proj(_REPLACED.get("swiglu", _swiglu)(self.gate_up_proj(hidden_states)))
 
 
 def is_patched() -> bool:
@@ -221,6 +234,7 @@ def patch() -> bool:
 
 
 def unpatch() -> None:
+    _REPLACED.clear()
     if not _ORIGINAL:
         return
     from transformers.models.phi3 import modeling_phi3

@@ -216,6 +216,43 @@ def test_fused_lora_with_fp8_base_equals_fp8_base_plus_peft_lora(monkeypatch) ->
 
 
 @needs_cpu_fp8
+def test_norm_and_swiglu_hand_their_quantised_output_to_the_next_fp8_linear(monkeypatch) -> None:
+    """With the fast path's layers on, qkv_proj, gate_up_proj and down_proj take the e4m3 input their norm /
+    SwiGLU made (only o_proj quantises its own); the numbers are those of quantising in the linear."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from phi3tune.fastpath import fp8_quantise, phi3_layers
+
+    config = tiny_phi3_config()
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert phi3_layers.patch() and lora_fused.patch()
+    fp8_base.convert_lora_bases(model)
+    ids = torch.randint(0, 1000, (2, 16))
+    own = []
+    quantise = fp8_quantise.rows
+    monkeypatch.setattr(fp8_quantise, "rows", lambda x: own.append(x.shape[-1]) or quantise(x))
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logits = model(input_ids=ids).logits.float()
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    handed, handed_grads = run()
+    layers = config.num_hidden_layers
+    assert own == [config.hidden_size] * layers  # o_proj's input (the attention output) only
+    own.clear()
+    phi3_layers._REPLACED.clear()  # each linear quantises its own input
+    itself, itself_grads = run()
+    assert len(own) == 4 * layers
+    assert torch.equal(handed, itself)
+    assert all(torch.equal(a, b) for a, b in zip(handed_grads, itself_grads))
+
+
+@needs_cpu_fp8
 # ----------------------------------------------------------------------------------------------- conversion
 @needs_hf_home
 def test_conversion_frees_bf16_weights_and_keeps_the_adapter(tmp_path) -> None:
@@ -388,7 +425,29 @@ def test_gpu_float8_linear_on_phi3_shapes() -> None:  # pragma: no cover - GPU o
     w = linear.weight.float()
     _assert_fp8_close(out, x.float() @ w.t(), x.detach(), w, "forward (cuda)")
     _assert_fp8_close(x.grad, grad.float() @ w, grad, w.t(), "input gradient (cuda)")
-    assert not fp8_base._quantise_rows.failed and not fp8_base._quantise_rows_scaled.failed  # compiled
+    from phi3tune.fastpath import fp8_kernels
+
+    assert fp8_kernels.available()  # the Triton kernels ran, not the compiled fallback
+
+
+@needs_hopper
+@pytest.mark.parametrize("cols", [96, 3072, 8192, 16384])
+def test_gpu_triton_kernels_match_the_torch_reference_bit_for_bit(cols: int) -> None:  # pragma: no cover - GPU only
+    """The Triton quantiser and transpose (fp8_kernels.py) against fp8_base's torch functions, rows of six decades,
+    a zero row, and a column scale (dY's path)."""
+    from phi3tune.fastpath import fp8_kernels
+
+    x = _spread_rows(300, cols, -3, 3, seed=cols, device="cuda").to(torch.bfloat16)
+    x[7] = 0
+    column_scale = torch.rand(cols, device="cuda") + 0.25
+    for got, want in ((fp8_kernels.quantise_rows(x), quantise_rows(x)),
+                      (fp8_kernels.quantise_rows(x, column_scale), quantise_rows_scaled(x, column_scale))):
+        assert torch.equal(got[1], want[1]), "scales differ"
+        assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)), "e4m3 values differ"
+    wide = x[:, 1:][:, ::2]  # a strided input is made contiguous first
+    assert torch.equal(fp8_kernels.quantise_rows(wide)[0].view(torch.uint8), quantise_rows(wide)[0].view(torch.uint8))
+    weight = quantise_rows(_spread_rows(cols + 40, 200, -2, 2, seed=1, device="cuda"))[0]
+    assert torch.equal(fp8_kernels.transpose(weight).view(torch.uint8), weight.t().contiguous().view(torch.uint8))
 
 
 @needs_hopper

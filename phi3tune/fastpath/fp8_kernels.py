@@ -1,0 +1,105 @@
+"""Triton kernels for ``model.base_precision: fp8``: per-row e4m3 quantisation and the 1-byte weight transpose.
+
+Both are memory-bound passes that sit between the FP8 GEMMs; written here because the library versions were
+measured slow on an H200 (issue 16, ``scripts/bench_fp8.py gemm``, 8,192 tokens, one decoder layer):
+
+* per-row quantisation through ``torch.compile`` (``fp8_quantise.quantise_rows``): 0.66 ms for the four inputs
+  and 1.22 ms for the four output gradients, 10-20% of the card's bandwidth; one Triton program a row reads
+  the row once into registers (rows are at most 16,384 wide here), takes its amax and writes e4m3 and the
+  scale in the same pass.
+* ``w.t().contiguous()`` on an e4m3 weight: 0.76 ms a layer (~0.3 TB/s); a tiled transpose moves whole tiles
+  through shared memory.
+
+Same numbers as the torch reference (``fp8_quantise.quantise_rows``): ``scale = max(amax, 1e-12) * (1 / 448)``
+and ``clamp(x / scale)`` rounded to e4m3, so a kernel and its fallback agree bit for bit (tests/fastpath/
+test_fp8_base.py on a GPU). Imported only on a CUDA device with Triton (``available()``); elsewhere
+``fp8_base`` keeps its torch functions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# One program holds a whole row in registers: wider rows take the torch path.
+MAX_ROW = 32768
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether the Triton kernels can run here (a CUDA device and an importable Triton)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # noqa: BLE001 - no Triton, or a broken install: the torch path runs instead
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quantise_rows_kernel(x_ptr, col_scale_ptr, q_ptr, scale_ptr, n_cols, x_stride, q_stride,
+                             HAS_COL_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_COL_SCALE:
+            x = x * tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+        amax = tl.max(tl.abs(x), axis=0)
+        # fp8_quantise's float32 arithmetic exactly: a value one ulp off can round to the neighbouring e4m3
+        # number. Its scale is amax times the float32 reciprocal of 448; x / scale is an IEEE division (div_rn:
+        # Triton's "/" is approximate).
+        scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+        tl.store(q_ptr + row * q_stride + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + row, scale)
+
+    @triton.jit
+    def transpose_kernel(src_ptr, dst_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        tile = tl.load(src_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask)
+        tl.store(dst_ptr + cols[:, None] * n_rows + rows[None, :], tl.trans(tile), mask=tl.trans(mask))
+
+    return quantise_rows_kernel, transpose_kernel
+
+
+def quantise_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8_base.quantise_rows(x * column_scale)`` in one pass: e4m3 ``(rows, cols)`` and float32 ``(rows, 1)``."""
+    import triton
+
+    rows, cols = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return q, scale
+    block = triton.next_power_of_2(cols)
+    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    quantise_kernel, _ = _kernels()
+    col = column_scale if column_scale is not None else scale  # an unused pointer when there is none
+    quantise_kernel[(rows,)](x, col, q, scale, cols, x.stride(0), q.stride(0),
+                             HAS_COL_SCALE=column_scale is not None, BLOCK=block, num_warps=warps)
+    return q, scale
+
+
+def transpose(w: torch.Tensor) -> torch.Tensor:
+    """``w.t().contiguous()`` for a contiguous 2-d tensor of 1-byte elements (an e4m3 weight)."""
+    rows, cols = w.shape
+    src = w.view(torch.uint8)
+    out = torch.empty(cols, rows, dtype=torch.uint8, device=w.device)
+    _, transpose_kernel = _kernels()
+    block = 64
+    grid = ((rows + block - 1) // block, (cols + block - 1) // block)
+    transpose_kernel[grid](src, out, rows, cols, BLOCK_R=block, BLOCK_C=block, num_warps=4)
+    return out.view(w.dtype)
