@@ -11,14 +11,18 @@ bf16 ``torch.mm``; FP8 ``torch._scaled_mm`` on pre-quantised operands (the GEMMs
 ``use_fast_accum``); phi3tune's quantisers
 (compiled) and the per-backward weight transpose alone; ``fp8_base.fp8_matmul``/``fp8_input_grad`` (all of it);
 whole autograd modules (frozen ``nn.Linear`` vs ``Float8FrozenLinear``, fused LoRA r=16 bf16 vs fp8, forward +
-backward). Median of CUDA-event times, ms, per linear and summed per layer; TFLOP/s of the GEMMs; the
-norm-wise relative error of the FP8 results against float32.
+backward). Median ms a call of --back-to-back calls between two CUDA events (the GPU's time, as in training
+where the CPU runs ahead; 1 adds each call's launch), per linear and summed per layer; TFLOP/s of the GEMMs; the
+norm-wise relative error of the FP8 results against float32; the norm / SwiGLU kernels with the quantisation
+fused in against a separate pass; and the CPU cost of one call of each op on tiny operands (``launch_cpu_us``).
 
 parity: the LoRA recipe (configs/lora.yaml through the CLI, as scripts/bench.py's rows) for --steps optimizer
 steps (default 200) in bf16 and with ``model.base_precision=fp8``, same seed, same random full-size base
 (scripts/bench.py's), on the synthetic bench chats and on a real-text set (default
 ``$PHI3TUNE_SHARED/datasets/gsm8k_chat.messages.jsonl``). Loss logged every step; reported: per-step losses,
-the relative difference at every step, its maximum, and whether it stays within 1% (issue 16, acceptance 2).
+the relative difference at every step, its maximum, and whether it stays within 1% (issue 16, acceptance 2);
+with --repeat-bf16 a second bf16 run, whose difference to the first is the floor fp8's is read against
+(non-deterministic kernels: two bf16 runs differed by 1.1% on average on an H200).
 To finish in ~4 minutes on an H200 a step is 2 packed rows of 1,024 tokens (--rows, --max-length), not the
 recipe's 4 x 2,048, and the learning rate is 1e-3 constant (--lr) so that the random-init model's loss moves.
 """

@@ -1,19 +1,19 @@
 """Triton kernels for ``model.base_precision: fp8``: per-row e4m3 quantisation and the 1-byte weight transpose.
 
-Both are memory-bound passes that sit between the FP8 GEMMs; written here because the library versions were
-measured slow on an H200 (issue 16, ``scripts/bench_fp8.py gemm``, 8,192 tokens, one decoder layer):
+Both are memory-bound passes that sit between the FP8 GEMMs; written here because they measured faster than the
+library versions on an H200 (issue 16, ``scripts/bench_fp8.py gemm``, 8,192 tokens, one decoder layer, GPU time
+of calls back to back; docs/benchmarks.md "2026-12-01 (night)"):
 
-* per-row quantisation through ``torch.compile`` (``fp8_quantise.quantise_rows``): 0.66 ms for the four inputs
-  and 1.22 ms for the four output gradients, 10-20% of the card's bandwidth; one Triton program a row reads
-  the row once into registers (rows are at most 16,384 wide here), takes its amax and writes e4m3 and the
-  scale in the same pass.
-* ``w.t().contiguous()`` on an e4m3 weight: 0.76 ms a layer (~0.3 TB/s); a tiled transpose moves whole tiles
-  through shared memory.
+* per-row quantisation: ``fp8_quantise.quantise_rows`` compiled by ``torch.compile`` 0.39 ms for the four inputs
+  and 0.76 ms for the four output gradients; these kernels 0.26 and 0.61 ms, and 48 us of CPU a call against the
+  compiled function's 84 (the fp8 step is bound by the CPU). One program a row reads the row once into
+  registers (rows are at most 16,384 wide here), takes its amax and writes e4m3 and the scale in the same pass.
+* ``w.t().contiguous()`` on an e4m3 weight: 0.69 ms a layer; the tiled transpose here 0.17 ms.
 
 Same numbers as the torch reference (``fp8_quantise.quantise_rows``): ``scale = max(amax, 1e-12) * (1 / 448)``
 and ``clamp(x / scale)`` rounded to e4m3, so a kernel and its fallback agree bit for bit (tests/fastpath/
-test_fp8_base.py on a GPU). Imported only on a CUDA device with Triton (``available()``); elsewhere
-``fp8_base`` keeps its torch functions.
+test_fp8_base.py on a GPU). Used only on a CUDA device with Triton (``available()``); elsewhere
+``fp8_quantise`` runs its torch functions.
 """
 
 from __future__ import annotations
