@@ -192,7 +192,7 @@ def bench_fusion(tokens: int, hidden: int, intermediate: int, device: str,
 
 def launch_costs(device: str) -> dict:
     """CPU microseconds a call on tiny operands (the GPU never the bottleneck): what each op costs a step that is
-    bound by the CPU launching kernels, as the fp8 step was (42% GPU-busy under the profiler)."""
+    bound by the CPU launching kernels, as the fp8 step was (52% GPU-busy under the profiler)."""
     import torch
 
     from phi3tune.fastpath import fp8_base, fp8_quantise
@@ -344,7 +344,7 @@ def _row(spec_json: str, cpu_smoke: bool) -> None:
     import bench
 
     if cpu_smoke:  # CPU torch has _scaled_mm: only to check this script end to end, never a measurement
-        from phi3tune.fastpath import fp8_base, fp8_quantise
+        from phi3tune.fastpath import fp8_base
 
         fp8_base.require_fp8_gpu = lambda: None
     spec, ctx = json.loads(spec_json)

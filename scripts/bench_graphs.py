@@ -5,7 +5,7 @@ and replayed from a CUDA graph, on one GPU, bf16 and with the fp8 base.
     python scripts/bench_graphs.py --out OUT                 # -> OUT/graphs.json
     python scripts/bench_graphs.py --cpu-smoke --out OUT     # tiny model, eager rows only: checks the script
 
-Why: the fp8 recipe's step is bound by the CPU launching ~2,600 kernels through Python (52% GPU-busy under the
+Why: the fp8 recipe's step is bound by the CPU launching ~2,900 kernels a step through Python (52% GPU-busy under the
 profiler on an H200; ~215 ms of kernels in a ~342 ms step, docs/benchmarks.md "2026-12-01 (night)"), and the
 bf16 step partly so. A CUDA graph replays the whole stack's kernels with one launch. This script measures that
 before any of it goes into the recipe: a random-init full-size Phi-3-mini with phi3tune's fast path (varlen
@@ -27,6 +27,7 @@ deterministic, so ~1e-3 is expected).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
             row = {"ms_per_step": round(ms, 2), "tokens_per_second": round(tokens / ms * 1e3),
                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}
             if device == "cuda":
-                row["gpu_kernel_ms"] = gpu_kernel_ms(lambda: step(layers))
+                row["gpu_kernel_ms"] = gpu_kernel_ms(functools.partial(step, layers))
             ref = reference_grads.get(str(fp8))
             if ref is not None:
                 row["max_rel_grad_diff_vs_eager"] = max(

@@ -245,6 +245,7 @@ def convert_lora_bases(model: nn.Module) -> Fp8Conversion:
 
     done = Fp8Conversion()
     ignored: list[str] = []
+    converted: set[str] = set()
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, LoraLinear) or isinstance(layer.base_layer, Float8FrozenLinear):
             continue
@@ -258,9 +259,11 @@ def convert_lora_bases(model: nn.Module) -> Fp8Conversion:
         done.bytes_after += fp8.weight.numel() + fp8.weight_scale.numel() * 4
         layer.base_layer = fp8  # the last reference to the bf16 Linear: its weight is freed here
         done.linears += 1
+        converted.add(name.rsplit(".", 1)[-1])  # qkv_proj, o_proj, ...
         ignored += [f"{name}.base_layer.weight", f"{name}.base_layer.weight_scale"]
-    if done.linears:  # the fast path's norms and SwiGLU quantise the inputs they write (while phi3_layers is on)
-        fp8_quantise.quantise_in_kernels()
+    # the fast path's norms and SwiGLU quantise the inputs they write, for these linears (while phi3_layers is on)
+    fp8_quantise.quantise_in_kernels(qkv_proj="qkv_proj" in converted, gate_up_proj="gate_up_proj" in converted,
+                                     down_proj="down_proj" in converted)
     previous = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, previous + ignored)
     for line in done.kept:

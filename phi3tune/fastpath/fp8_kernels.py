@@ -56,9 +56,11 @@ def _kernels():
         amax = tl.max(tl.abs(x), axis=0)
         # fp8_quantise's float32 arithmetic exactly: a value one ulp off can round to the neighbouring e4m3
         # number. Its scale is amax times the float32 reciprocal of 448; x / scale is an IEEE division (div_rn:
-        # Triton's "/" is approximate).
-        scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+        # Triton's "/" is approximate). Triton's max / maximum / minimum drop NaN where torch's keep it, so NaN is
+        # put back: a row holding one gets a NaN scale (+ 0.0 otherwise, exact) and NaN values, as the reference.
+        scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0) + tl.sum(tl.where(x != x, x, 0.0), axis=0)
+        ratio = tl.math.div_rn(x, scale)
+        q = tl.where(ratio != ratio, ratio, tl.minimum(tl.maximum(ratio, -448.0), 448.0))
         tl.store(q_ptr + row * q_stride + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
 
@@ -74,12 +76,14 @@ def _kernels():
 
 
 def quantise_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fp8_base.quantise_rows(x * column_scale)`` in one pass: e4m3 ``(rows, cols)`` and float32 ``(rows, 1)``."""
+    """``fp8_quantise.quantise_rows(x * column_scale)`` in one pass: e4m3 ``(rows, cols)`` and float32 ``(rows, 1)``."""
     import triton
 
     rows, cols = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
+    if column_scale is not None:
+        column_scale = column_scale.contiguous()
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     if rows == 0:
@@ -94,7 +98,8 @@ def quantise_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None) -> 
 
 
 def transpose(w: torch.Tensor) -> torch.Tensor:
-    """``w.t().contiguous()`` for a contiguous 2-d tensor of 1-byte elements (an e4m3 weight)."""
+    """``w.t().contiguous()`` for a 2-d tensor of 1-byte elements (an e4m3 weight)."""
+    w = w.contiguous()  # the kernel reads rows of n_cols bytes
     rows, cols = w.shape
     src = w.view(torch.uint8)
     out = torch.empty(cols, rows, dtype=torch.uint8, device=w.device)

@@ -110,18 +110,21 @@ _qkv_rope = CompiledOnce(qkv_rope)
 _swiglu = CompiledOnce(swiglu)
 _rmsnorm = CompiledOnce(rmsnorm)
 _add_rmsnorm = CompiledOnce(add_rmsnorm)
-# Replacements for the three above with the same results, set by an fp8 run (``fp8_base.quantise_in_kernels``):
+# Replacements for the three above with the same results, set by an fp8 run (``fp8_quantise.quantise_in_kernels``):
 # they also quantise their output for the FP8 linear that reads it, inside the same compiled kernel.
 _REPLACED: dict[str, Callable] = {}
+_ON_UNPATCH: list[Callable[[], None]] = []
 
 
-def replace_kernels(**kernels: Callable) -> None:
+def replace_kernels(on_unpatch: Callable[[], None] | None = None, **kernels: Callable) -> None:
     """Use other functions for ``rmsnorm`` / ``add_rmsnorm`` / ``swiglu`` (same arguments and results) until
-    ``unpatch()``."""
+    ``unpatch()``, which then also calls ``on_unpatch``."""
     unknown = set(kernels) - {"rmsnorm", "add_rmsnorm", "swiglu"}
     if unknown:
         raise ValueError(f"no such kernel: {sorted(unknown)}")
     _REPLACED.update(kernels)
+    if on_unpatch is not None:
+        _ON_UNPATCH.append(on_unpatch)
 
 
 def _plain_norm(module: Any) -> bool:
@@ -235,6 +238,8 @@ def patch() -> bool:
 
 def unpatch() -> None:
     _REPLACED.clear()
+    while _ON_UNPATCH:
+        _ON_UNPATCH.pop()()
     if not _ORIGINAL:
         return
     from transformers.models.phi3 import modeling_phi3

@@ -215,21 +215,30 @@ def test_fused_lora_with_fp8_base_equals_fp8_base_plus_peft_lora(monkeypatch) ->
         torch.testing.assert_close(got, want, atol=1e-6 * scale, rtol=1e-5, msg=lambda m, w=what: f"{w}: {m}")
 
 
+# qkv_proj adapted in layer 0 only: layer 1's input norm offers an input its plain qkv_proj never takes, and the
+# attention output o_proj reads next has the same shape -- only the identity check keeps o_proj from taking it.
+_QKV_IN_LAYER_0 = r".*\.(0\.self_attn\.qkv_proj|o_proj|gate_up_proj|down_proj)"
+
+
 @needs_cpu_fp8
-def test_norm_and_swiglu_hand_their_quantised_output_to_the_next_fp8_linear(monkeypatch) -> None:
+@needs_hf_home
+@pytest.mark.parametrize("targets", ["all-linear", _QKV_IN_LAYER_0], ids=["all-linear", "qkv-in-layer-0"])
+def test_norm_and_swiglu_hand_their_quantised_output_to_the_next_fp8_linear(monkeypatch, targets: str) -> None:
     """With the fast path's layers on, qkv_proj, gate_up_proj and down_proj take the e4m3 input their norm /
-    SwiGLU made (only o_proj quantises its own); the numbers are those of quantising in the linear."""
+    SwiGLU made (o_proj quantises its own); on a CPU (eager) the numbers equal quantising in the linear."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from phi3tune.fastpath import fp8_quantise, phi3_layers
 
     config = tiny_phi3_config()
+    assert config.num_hidden_layers == 2  # hidden_size is also the attention output's width (no head_dim override)
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+                           LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
     assert phi3_layers.patch() and lora_fused.patch()
-    fp8_base.convert_lora_bases(model)
+    done = fp8_base.convert_lora_bases(model)
+    assert done.linears == (8 if targets == "all-linear" else 7)
     ids = torch.randint(0, 1000, (2, 16))
     own = []
     quantise = fp8_quantise.rows
@@ -242,14 +251,30 @@ def test_norm_and_swiglu_hand_their_quantised_output_to_the_next_fp8_linear(monk
         return logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     handed, handed_grads = run()
-    layers = config.num_hidden_layers
-    assert own == [config.hidden_size] * layers  # o_proj's input (the attention output) only
+    assert own == [config.hidden_size] * config.num_hidden_layers  # o_proj's input (the attention output) only
+    assert not fp8_quantise._ready()  # every offer taken, or replaced by the next
     own.clear()
+    replaced = dict(phi3_layers._REPLACED)
     phi3_layers._REPLACED.clear()  # each linear quantises its own input
     itself, itself_grads = run()
-    assert len(own) == 4 * layers
+    assert len(own) == done.linears
     assert torch.equal(handed, itself)
     assert all(torch.equal(a, b) for a, b in zip(handed_grads, itself_grads))
+
+    phi3_layers._REPLACED.update(replaced)
+    fp8_quantise._offer(*fp8_quantise.rmsnorm_quantised(torch.randn(4, 8), torch.ones(8), 1e-5))
+    phi3_layers.unpatch()  # the end of a run: nothing handed over outlives it
+    assert not fp8_quantise._ready() and not phi3_layers._REPLACED
+
+
+def test_only_kernels_whose_linear_is_fp8_quantise() -> None:
+    from phi3tune.fastpath import fp8_quantise, phi3_layers
+
+    fp8_quantise.quantise_in_kernels(qkv_proj=False, gate_up_proj=True, down_proj=False)
+    assert set(phi3_layers._REPLACED) == {"add_rmsnorm"}
+    phi3_layers.unpatch()
+    fp8_quantise.quantise_in_kernels(qkv_proj=False, gate_up_proj=False, down_proj=False)
+    assert not phi3_layers._REPLACED
 
 
 @needs_cpu_fp8
@@ -406,10 +431,11 @@ def test_memory_model_counts_one_byte_a_converted_parameter() -> None:
 
 
 def test_cli_imports_nothing_fp8() -> None:
-    code = ("import sys, phi3tune.cli, phi3tune.fastpath, phi3tune.plan, phi3tune.config.load; "
-            "print('phi3tune.fastpath.fp8_base' in sys.modules)")
+    code = ("import sys, phi3tune.cli, phi3tune.fastpath, phi3tune.plan, phi3tune.config.load, phi3tune.train; "
+            "print([m for m in ('phi3tune.fastpath.fp8_base', 'phi3tune.fastpath.fp8_quantise', "
+            "'phi3tune.fastpath.fp8_kernels', 'triton') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
 
 
 # ----------------------------------------------------------------------------------------------- GPU (sm90+)
@@ -448,6 +474,31 @@ def test_gpu_triton_kernels_match_the_torch_reference_bit_for_bit(cols: int) -> 
     assert torch.equal(fp8_kernels.quantise_rows(wide)[0].view(torch.uint8), quantise_rows(wide)[0].view(torch.uint8))
     weight = quantise_rows(_spread_rows(cols + 40, 200, -2, 2, seed=1, device="cuda"))[0]
     assert torch.equal(fp8_kernels.transpose(weight).view(torch.uint8), weight.t().contiguous().view(torch.uint8))
+    x[3, 5], x[4, 6] = float("nan"), float("inf")  # Triton's max / min drop NaN: the kernel must not
+    got, want = fp8_kernels.quantise_rows(x), quantise_rows(x)
+    assert torch.equal(got[1].isnan(), want[1].isnan()) and got[1][3].isnan() and torch.isinf(got[1][4])
+    assert torch.equal(got[0].float().isnan(), want[0].float().isnan()) and got[0][3].float().isnan().all()
+
+
+def test_a_triton_kernel_that_fails_leaves_the_torch_functions_in_its_place(monkeypatch, caplog) -> None:
+    from phi3tune.fastpath import fp8_quantise
+
+    def broken(*args):
+        raise RuntimeError("PTX assembly failed\nlong log")
+
+    monkeypatch.setattr(fp8_quantise, "_TRITON_FAILED", [])
+    monkeypatch.setattr(fp8_quantise, "_triton", lambda x: SimpleNamespace(MAX_ROW=32768, quantise_rows=broken,
+                                                                          transpose=broken))
+    x = _spread_rows(16, 32, -2, 2, seed=3)
+    got = fp8_quantise.rows_scaled(x, torch.ones(32))
+    want = quantise_rows(x)
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+    assert fp8_quantise._TRITON_FAILED == ["RuntimeError: PTX assembly failed"]
+    assert "Triton kernel broken failed (RuntimeError: PTX assembly failed)" in caplog.text
+    assert torch.equal(fp8_quantise.transposed(want[0]).view(torch.uint8), want[0].t().contiguous().view(torch.uint8))
+    monkeypatch.undo()
+    monkeypatch.setattr(fp8_quantise, "_TRITON_FAILED", ["RuntimeError: earlier"])
+    assert fp8_quantise._triton(SimpleNamespace(device=torch.device("cuda"))) is None  # not tried again
 
 
 @needs_hopper
