@@ -45,8 +45,8 @@ from phi3tune.training.resume import ResumePlan, plan_resume
 from phi3tune.training.run_folder import StagedRunFolder, check_output_dir, leftover_old_runs, write_marker
 from phi3tune.training.run_lock import folder_lock
 from phi3tune.training.run_record import write_run_config
-from phi3tune.training.signals import (StopOnSignalCallback, graceful_stop, interrupted_error, stop_at_once,
-                                      sync_stop)
+from phi3tune.training.signals import (EvaluationStopped, StopOnSignalCallback, graceful_stop, interrupted_error,
+                                       stop_at_once, sync_stop)
 from phi3tune.training.trainer import Phi3Trainer
 
 
@@ -252,6 +252,8 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
         trainer.add_callback(StopOnSignalCallback(stop, console))
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except EvaluationStopped:
+            pass  # stop.requested is set: the caller saves the last finished step and says how to resume
         except (TypeError, ValueError) as exc:
             if began.began:
                 raise
