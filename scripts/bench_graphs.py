@@ -16,6 +16,8 @@ to its token budget), bf16 autocast. Rows:
   eager        embeddings -> 32 decoder layers -> norm -> lm_head -> loss, backward: what the recipe runs
   graphed      the same with the 32 layers as one ``torch.cuda.make_graphed_callables`` module (forward and
                backward each one graph replay); embeddings, lm_head and the loss stay eager
+  compiled     the stack through ``torch.compile`` (fewer, larger kernels: the other lever the issue names;
+               opt-in, its compile takes minutes at full size)
   *-fp8        the same with ``model.base_precision: fp8`` (``fp8_base.convert_lora_bases``)
 
 Reported per row: ms a step (median of --iters, each synchronised), tokens/s, peak GiB, the GPU kernel time of one
@@ -142,16 +144,14 @@ def run(args: argparse.Namespace) -> dict:
                 loss = F.cross_entropy(logits.float().view(-1, vocab), labels.view(-1))
             loss.backward()
 
-        for name in [r for r in rows if r.endswith("-fp8") == fp8]:
-            kind = name.removesuffix("-fp8")
-            if kind == "graphed" and device != "cuda":
-                result["rows"][name] = {"skipped": "CUDA graphs need a CUDA GPU"}
-                continue
+        def measure(kind: str) -> dict:
             layers = stack
             if kind == "graphed":
                 with autocast:
                     static = hidden.detach().clone()
                     layers = torch.cuda.make_graphed_callables(stack, (static,), num_warmup_iters=3)
+            elif kind == "compiled":
+                layers = torch.compile(stack)  # compiles in the first step below (minutes at full size)
             for p in model.parameters():
                 p.grad = None
             step(layers)  # one step from zero grads on the fixed batch: the gradients compared between rows
@@ -181,11 +181,22 @@ def run(args: argparse.Namespace) -> dict:
             if ref is not None:
                 row["max_rel_grad_diff_vs_eager"] = max(
                     float((grads[n] - ref[n]).norm() / ref[n].norm().clamp(min=1e-30)) for n in ref)
-            result["rows"][name] = row
-            print(f"{name:14s} {json.dumps(row)}", flush=True)
-            del layers  # a graph keeps its memory pool (the stack's activations) until it is gone
+            return row  # a graph's memory pool (the stack's activations) goes with `layers`
+
+        for name in [r for r in rows if r.endswith("-fp8") == fp8]:
+            kind = name.removesuffix("-fp8")
+            if kind == "graphed" and device != "cuda":
+                result["rows"][name] = {"skipped": "CUDA graphs need a CUDA GPU"}
+                continue
+            try:
+                result["rows"][name] = measure(kind)
+            except Exception as exc:  # noqa: BLE001 - one row's failure is its result; the other rows still run
+                result["rows"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            print(f"{name:14s} {json.dumps(result['rows'][name])}", flush=True)
             gc.collect()
-        del model, stack
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        model = stack = base = lora = None  # the two full-size models are not held at once
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -195,7 +206,9 @@ def run(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_out")
-    p.add_argument("--rows", default="eager,graphed,eager-fp8,graphed-fp8")
+    p.add_argument("--rows", default="eager,graphed,eager-fp8,graphed-fp8",
+                   help="of eager, graphed, compiled (torch.compile of the stack: fewer, larger kernels; its compile "
+                        "takes minutes), each also with -fp8")
     p.add_argument("--tokens", type=int, default=8192, help="tokens of the packed micro-batch")
     p.add_argument("--sample-length", type=int, default=2048, help="tokens a packed sample")
     p.add_argument("--iters", type=int, default=10)
