@@ -46,7 +46,7 @@ from phi3tune.training.run_folder import StagedRunFolder, check_output_dir, left
 from phi3tune.training.run_lock import folder_lock
 from phi3tune.training.run_record import write_run_config
 from phi3tune.training.signals import (EvaluationStopped, StopOnSignalCallback, graceful_stop, interrupted_error,
-                                       stop_at_once, sync_stop)
+                                       save_finished_step, stop_at_once, sync_stop)
 from phi3tune.training.trainer import Phi3Trainer
 
 
@@ -228,6 +228,7 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
     if note:
         console.print(f"[yellow]warning:[/] {note}", highlight=False)
     began = TrainBeganCallback(staged.commit if staged is not None else (lambda: None))
+    progress = ProgressCallback(console)
     try:
         trainer = Phi3Trainer(
             model=model,
@@ -236,7 +237,7 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
             eval_dataset=data.eval,
             processing_class=setup.tokenizer,
             peft_config=setup.lora_config,
-            callbacks=[MetricsFileCallback(output_dir / METRICS), ProgressCallback(console), began],
+            callbacks=[MetricsFileCallback(output_dir / METRICS), progress, began],
         )
     except ValueError as exc:  # trl/transformers/peft reject a value our schema let through
         raise UsageError(f"training_config / peft_config: {exc}") from exc
@@ -249,16 +250,22 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     console.print(f"trainable LoRA parameters: {trainable:,}")
     with graceful_stop() as stop:
-        trainer.add_callback(StopOnSignalCallback(stop, console))
+        on_signal = StopOnSignalCallback(stop, console)
+        trainer.add_callback(on_signal)
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except EvaluationStopped:
-            pass  # stop.requested is set: the caller saves the last finished step and says how to resume
+            # A signal during an evaluation pass: the step before it is saved here, where a second signal still
+            # aborts with a message; the caller then says how to resume.
+            save_finished_step(trainer, output_dir / CHECKPOINTS_DIR)
         except (TypeError, ValueError) as exc:
             if began.began:
                 raise
             # Before the first step only the settings can be at fault (the optimizer or scheduler rejected one).
             raise UsageError(f"training_config: {exc}", hint="check optim, lr_scheduler_type and their *_kwargs.") from exc
+        finally:
+            progress.on_train_end(trainer.args, trainer.state, trainer.control)  # also when train() raised
+            trainer.remove_callback(on_signal)  # the final evaluation needs no per-batch stop check
     return trainer, stop, base_model_path
 
 

@@ -20,7 +20,8 @@ to its token budget), bf16 autocast. Rows:
                opt-in, its compile takes minutes at full size)
   *-fp8        the same with ``model.base_precision: fp8`` (``fp8_base.convert_lora_bases``)
 
-Reported per row: ms a step (median of --iters, each synchronised), tokens/s, peak GiB, the GPU kernel time of one
+Reported per row: ms a step (median of --iters, each synchronised), tokens/s, peak GiB allocated and reserved (a
+graph's activations sit in its private pool), the fast path's kernels that fell back, the GPU kernel time of one
 step (torch.profiler: the floor a graph can reach), and the largest relative difference of the LoRA gradients to
 the eager row's on the same batch (the graph must compute the same thing; the attention backward is not
 deterministic, so ~1e-3 is expected).
@@ -104,6 +105,18 @@ def gpu_kernel_ms(step) -> float:
     return round(sum(e.self_device_time_total for e in prof.key_averages()) / 1e3, 2)
 
 
+def fallbacks() -> list[str]:
+    """The fast path's kernels that fell back to a slower path so far (torch.compile failures, Triton failures)."""
+    from phi3tune.fastpath import phi3_layers
+
+    found = [f"compile of {name} failed" for name in ("_qkv_rope", "_swiglu", "_rmsnorm", "_add_rmsnorm")
+             if getattr(phi3_layers, name).failed]
+    fp8_quantise = sys.modules.get("phi3tune.fastpath.fp8_quantise")
+    if fp8_quantise is not None:
+        found += [f"fp8 Triton kernels: {why}" for why in fp8_quantise._TRITON_FAILED]
+    return found
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
@@ -135,7 +148,6 @@ def run(args: argparse.Namespace) -> dict:
         with autocast:
             hidden = base.model.embed_tokens(ids)
             position_embeddings = base.model.rotary_emb(hidden, positions)
-        stack = decoder_stack(base.model.layers, position_embeddings, attention_kwargs)
 
         def step(layers) -> None:
             with autocast:
@@ -145,8 +157,12 @@ def run(args: argparse.Namespace) -> dict:
             loss.backward()
 
         def measure(kind: str) -> dict:
+            # a stack of its own each row: make_graphed_callables replaces the module's forward in place
+            stack = decoder_stack(base.model.layers, position_embeddings, attention_kwargs)
             layers = stack
             if kind == "graphed":
+                if hasattr(torch.profiler, "_utils") and hasattr(torch.profiler._utils, "_init_for_cuda_graphs"):
+                    torch.profiler._utils._init_for_cuda_graphs()  # a profiler after a capture needs it on old CUDA
                 with autocast:
                     static = hidden.detach().clone()
                     layers = torch.cuda.make_graphed_callables(stack, (static,), num_warmup_iters=3)
@@ -160,6 +176,7 @@ def run(args: argparse.Namespace) -> dict:
                 reference_grads[str(fp8)] = grads
             times = []
             if device == "cuda":
+                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             for i in range(warmup + iters):
                 if device == "cuda":
@@ -173,17 +190,23 @@ def run(args: argparse.Namespace) -> dict:
                 if i >= warmup:
                     times.append((time.perf_counter() - t0) * 1e3)
             ms = statistics.median(times)
+            gib = (lambda n: round(n / 2**30, 2)) if device == "cuda" else (lambda n: None)
+            # reserved, not only allocated: a graph's activations live in its private pool
             row = {"ms_per_step": round(ms, 2), "tokens_per_second": round(tokens / ms * 1e3),
-                   "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}
+                   "peak_allocated_gib": gib(torch.cuda.max_memory_allocated()) if device == "cuda" else None,
+                   "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()) if device == "cuda" else None}
             if device == "cuda":
                 row["gpu_kernel_ms"] = gpu_kernel_ms(functools.partial(step, layers))
             ref = reference_grads.get(str(fp8))
             if ref is not None:
                 row["max_rel_grad_diff_vs_eager"] = max(
                     float((grads[n] - ref[n]).norm() / ref[n].norm().clamp(min=1e-30)) for n in ref)
+            # the fallbacks are process-wide and permanent: a row after a failed compile or kernel measures them
+            row["fallbacks"] = fallbacks()
             return row  # a graph's memory pool (the stack's activations) goes with `layers`
 
-        for name in [r for r in rows if r.endswith("-fp8") == fp8]:
+        # eager first: the other rows' gradients are compared with its
+        for name in sorted([r for r in rows if r.endswith("-fp8") == fp8], key=lambda r: not r.startswith("eager")):
             kind = name.removesuffix("-fp8")
             if kind == "graphed" and device != "cuda":
                 result["rows"][name] = {"skipped": "CUDA graphs need a CUDA GPU"}
@@ -191,12 +214,14 @@ def run(args: argparse.Namespace) -> dict:
             try:
                 result["rows"][name] = measure(kind)
             except Exception as exc:  # noqa: BLE001 - one row's failure is its result; the other rows still run
-                result["rows"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+                result["rows"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}", "fallbacks": fallbacks()}
+            if kind == "compiled":
+                torch._dynamo.reset()
             print(f"{name:14s} {json.dumps(result['rows'][name])}", flush=True)
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
-        model = stack = base = lora = None  # the two full-size models are not held at once
+        model = base = lora = None  # the two full-size models are not held at once
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

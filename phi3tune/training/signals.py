@@ -30,6 +30,9 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        # Whether this process itself got the signal: under torchrun a request can come from another rank first
+        # (sync_stop), and this rank's own copy of the same signal must not count as a second one.
+        self.received = False
 
     @property
     def requested(self) -> bool:
@@ -77,10 +80,11 @@ def graceful_stop(
     request = StopRequest()
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        if request.requested:  # the user insists: stop now; atomic saves keep what was saved whole
+        if request.received:  # the user insists: stop now; atomic saves keep what was saved whole
             raise TrainingInterrupted(f"{signal.Signals(signum).name} again: {aborted}", exit_code=128 + signum,
                                       hint=hint)
-        request.signum = signum
+        request.received = True
+        request.signum = request.signum or signum
 
     with _signal_handler(handle):
         yield request
@@ -118,15 +122,18 @@ class StopOnSignalCallback(TrainerCallback):
         self.console = console
         self._announced = False
 
+    def _announce(self, state) -> None:
+        if not self._announced and self.console is not None:
+            self.console.print(
+                f"[yellow]{self.request.name} received: saving a checkpoint at step {state.global_step} "
+                "and stopping (send it again to abort without saving)."
+            )
+            self._announced = True
+
     def on_step_end(self, args, state, control, **kwargs):
         sync_stop(self.request)  # every rank stops at the same step, whichever the launcher signalled first
         if self.request.requested:
-            if not self._announced and self.console is not None:
-                self.console.print(
-                    f"[yellow]{self.request.name} received: saving a checkpoint at step {state.global_step} "
-                    "and stopping (send it again to abort without saving)."
-                )
-                self._announced = True
+            self._announce(state)
             control.should_save = True
             control.should_training_stop = True
             # Save first: a scheduler's grace period (often 30 s) is no time for an evaluation pass.
@@ -134,10 +141,23 @@ class StopOnSignalCallback(TrainerCallback):
         return control
 
     def on_prediction_step(self, args, state, control, **kwargs):
-        sync_stop(self.request)  # every rank leaves the pass at the same batch (a collective per batch of it)
+        # Every rank leaves the pass at the same batch: one all-reduce a batch, where the eval loop already
+        # gathers every batch (so every rank runs as many batches).
+        sync_stop(self.request)
         if self.request.requested:
+            self._announce(state)
             raise EvaluationStopped(f"{self.request.name} during the evaluation at step {state.global_step}")
         return control
+
+
+def save_finished_step(trainer, checkpoints_root: Path) -> Path | None:
+    """Checkpoint the last finished step unless the newest complete checkpoint is that step; return the newest."""
+    step = trainer.state.global_step
+    checkpoint = latest_complete_checkpoint(checkpoints_root)
+    if step > 0 and (checkpoint is None or checkpoint.name != f"checkpoint-{step}"):
+        trainer._save_checkpoint(trainer.model, None)
+        checkpoint = latest_complete_checkpoint(checkpoints_root)
+    return checkpoint
 
 
 def interrupted_error(trainer, request: StopRequest, config_path: Path | None, checkpoints_root: Path) -> TrainingInterrupted:
@@ -153,11 +173,8 @@ def interrupted_error(trainer, request: StopRequest, config_path: Path | None, c
         The TrainingInterrupted error to raise (exit 130 for SIGINT, 143 for SIGTERM).
     """
     step = trainer.state.global_step
-    checkpoint = latest_complete_checkpoint(checkpoints_root)
-    if step > 0 and (checkpoint is None or checkpoint.name != f"checkpoint-{step}"):
-        # The signal came after the last step had ended, so no step-end callback turned it into a save.
-        trainer._save_checkpoint(trainer.model, None)
-        checkpoint = latest_complete_checkpoint(checkpoints_root)
+    # A signal after the last step had ended was turned into a save by no step-end callback: saved here.
+    checkpoint = save_finished_step(trainer, checkpoints_root)
     where = f"complete checkpoint saved: {checkpoint}" if checkpoint else "no step had finished; nothing to resume"
     output_dir = checkpoints_root.parent
     return TrainingInterrupted(

@@ -108,3 +108,20 @@ def test_a_second_signal_aborts_at_once_with_its_exit_code() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
     assert again.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_stop_another_rank_asked_for_is_not_this_ranks_second_signal() -> None:
+    """Under torchrun sync_stop can set the request before this rank's own copy of the same SIGTERM arrives; that
+    copy is this rank's first signal (it would otherwise abort without saving while the other ranks save)."""
+    import os
+    import signal
+
+    from phi3tune.errors import TrainingInterrupted
+    from phi3tune.training.signals import graceful_stop
+
+    with graceful_stop() as stop:
+        stop.signum = signal.SIGTERM  # what sync_stop sets when another rank got the signal first
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received and stop.exit_code == 143
+        with pytest.raises(TrainingInterrupted):
+            os.kill(os.getpid(), signal.SIGTERM)
