@@ -9,6 +9,7 @@ is the memory model's (``phi3tune/fastpath/memory.py``), for the visible GPU or,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from rich.console import Console
@@ -63,23 +64,23 @@ def memory_verdict(cfg: Any, plan: FastPathPlan, card_bytes: float, shape: Model
     tokens = plan.tokens_per_micro_batch or int(args.get("per_device_train_batch_size", 8)) * max_length_of(args)
     mode = _checkpointing_of(args)
     fused = "lora_fused" in plan.patches and "phi3_layers" in plan.patches
-    found = plan.memory or estimate(tokens, quantized=quantized, checkpointing=mode, fused=fused, shape=shape, fp8=fp8)
+    model_estimate = partial(estimate, fused=fused, shape=shape)
+    found = plan.memory or model_estimate(tokens, quantized=quantized, checkpointing=mode, fp8=fp8)
     usable = card_bytes - CARD_RESERVE_BYTES
     verdict = MemoryVerdict(found.peak, card_bytes, found.checkpointing, found.peak <= usable)
     if verdict.fits:
         return verdict
     alternatives = []
     if found.checkpointing != "full":
-        full = estimate(tokens, quantized=quantized, checkpointing="full", fused=fused, shape=shape, fp8=fp8)
+        full = model_estimate(tokens, quantized=quantized, checkpointing="full", fp8=fp8)
         alternatives.append((full.peak, "recompute activations: --set training_config.gradient_checkpointing=true"))
     if not quantized:
-        qlora = estimate(tokens, quantized=True, checkpointing="full", fused=fused, shape=shape)
+        qlora = model_estimate(tokens, quantized=True, checkpointing="full")
         alternatives.append((qlora.peak, "QLoRA: --set model.quantization=4bit"
                              + (" --set model.base_precision=bf16" if fp8 else "")))
     rows, accum = int(args.get("per_device_train_batch_size", 8)), int(args.get("gradient_accumulation_steps", 1))
     if rows > 1:
-        half = estimate(tokens // 2, quantized=quantized, checkpointing=found.checkpointing, fused=fused, shape=shape,
-                        fp8=fp8)
+        half = model_estimate(tokens // 2, quantized=quantized, checkpointing=found.checkpointing, fp8=fp8)
         alternatives.append((half.peak, "a smaller micro-batch, same effective batch: --set "
                              f"training_config.per_device_train_batch_size={rows // 2} --set "
                              f"training_config.gradient_accumulation_steps={accum * 2}"))

@@ -111,18 +111,26 @@ def tokenise(jsonl: Path, tokenizer, max_length: int):
 
 
 # ----------------------------------------------------------------------------------------------- model
-def build_base(out_dir: Path, tiny: bool, device: str) -> None:
-    """Random-init Phi-3-mini (full size, or tiny for --cpu-smoke) saved as a local model folder."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def phi3_config(tiny: bool):
+    """The real Phi-3-mini config, or for --cpu-smoke the same shrunk to 2 layers of width 256."""
+    from transformers import AutoConfig
 
-    if (out_dir / "config.json").is_file():
-        return
     cfg = AutoConfig.from_pretrained(PHI3_ID)
     if tiny:
         for k, v in dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=4).items():  # fmt: skip
             setattr(cfg, k, v)
+    return cfg
+
+
+def build_base(out_dir: Path, tiny: bool, device: str) -> None:
+    """Random-init Phi-3-mini (full size, or tiny for --cpu-smoke) saved as a local model folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out_dir / "config.json").is_file():
+        return
+    cfg = phi3_config(tiny)
     torch.manual_seed(1234)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
@@ -453,6 +461,23 @@ def prepare(ctx: dict, tiny: bool, n_samples: int) -> None:
                          "max_tokens": max(lengths), "trained_share": round(trained / sum(lengths), 3)}  # fmt: skip
 
 
+def launch_row(spec: dict, ctx: dict, out: Path, timeout: int, script: str = __file__,
+               extra: list[str] | tuple = ()) -> tuple[dict | None, int | str]:
+    """One row in a fresh process (``script _row --spec ...``), its output appended to OUT/rows.log: the row's
+    result (``ctx["result"]``, written by the row) or None, and the process's return code ("timeout")."""
+    result = Path(ctx["result"])
+    result.unlink(missing_ok=True)
+    with open(Path(out) / "rows.log", "a") as log:
+        log.write(f"\n===== {spec['name']} {json.dumps(spec)}\n")
+        log.flush()
+        try:
+            rc = subprocess.run([sys.executable, script, "_row", "--spec", json.dumps([spec, ctx]), *extra],
+                                stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    return (json.loads(result.read_text()) if result.is_file() else None), rc
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cmd", choices=["run", "_row"])
@@ -506,20 +531,9 @@ def main() -> None:
         if tiny and spec.get("quant"):
             print(f"{name}: skipped (QLoRA needs a GPU)")
             continue
-        rctx = dict(ctx, result=str(tmp / f"{name}.json"))
-        Path(rctx["result"]).unlink(missing_ok=True)
         t0 = time.perf_counter()
-        with open(out / "rows.log", "a") as log:
-            log.write(f"\n===== {name} {json.dumps(spec)}\n")
-            log.flush()
-            try:
-                rc = subprocess.run([sys.executable, __file__, "_row", "--spec", json.dumps([spec, rctx])],
-                                    stdout=log, stderr=subprocess.STDOUT, timeout=a.row_timeout).returncode  # fmt: skip
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        if Path(rctx["result"]).is_file():
-            res = json.loads(Path(rctx["result"]).read_text())
-        else:
+        res, rc = launch_row(spec, dict(ctx, result=str(tmp / f"{name}.json")), out, a.row_timeout)
+        if res is None:
             res = {"row": name, "spec": spec, "error": f"rc={rc}"}
             print(f"{name}: FAILED rc={rc} (see rows.log)", flush=True)
         res["gpu"] = gpu

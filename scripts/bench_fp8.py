@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -303,20 +302,10 @@ def parity(args: argparse.Namespace) -> dict:
             name = f"parity-{data}-{precision}"
             spec = dict(via="recipe", config="configs/lora.yaml", name=name, steps=steps, warmup=0,
                         sets=_parity_sets(precision.split("-")[0], args, sources[data]))
-            rctx = dict(ctx, result=str(tmp / f"{name}.json"))
-            Path(rctx["result"]).unlink(missing_ok=True)
             t0 = time.perf_counter()
-            with open(Path(args.out) / "rows.log", "a") as log:
-                log.write(f"\n===== {name} {json.dumps(spec)}\n")
-                log.flush()
-                cmd = [sys.executable, __file__, "_row", "--spec", json.dumps([spec, rctx])]
-                cmd += ["--cpu-smoke"] if args.cpu_smoke else []
-                try:
-                    rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.row_timeout).returncode
-                except subprocess.TimeoutExpired:
-                    rc = "timeout"
-            if Path(rctx["result"]).is_file():
-                row = json.loads(Path(rctx["result"]).read_text())
+            row, rc = bench.launch_row(spec, dict(ctx, result=str(tmp / f"{name}.json")), args.out, args.row_timeout,
+                                       script=__file__, extra=["--cpu-smoke"] if args.cpu_smoke else [])
+            if row is not None:
                 rows[precision] = {key: row.get(key) for key in
                                    ("losses", "tokens_per_second", "wall_seconds", "peak_allocated_gib")}
             else:

@@ -39,26 +39,25 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-PHI3_ID = "microsoft/Phi-3-mini-4k-instruct"
+sys.path.insert(0, str(HERE))
 
 
 def build(device: str, tiny: bool, fp8: bool):
     """The peft-wrapped random-init model with phi3tune's fast-path patches on."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    import bench
 
     from phi3tune.fastpath import attention, lora_fused, peft_cast, phi3_layers
 
     for module in (attention, phi3_layers, peft_cast, lora_fused):
         module.patch()
-    cfg = AutoConfig.from_pretrained(PHI3_ID)
-    if tiny:
-        for k, v in dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4).items():  # fmt: skip
-            setattr(cfg, k, v)
+    cfg = bench.phi3_config(tiny)  # the benchmark's model, as scripts/bench.py builds it
     cfg._attn_implementation = attention.VARLEN
     torch.manual_seed(1234)
     with torch.device(device):
@@ -168,8 +167,7 @@ def run(args: argparse.Namespace) -> dict:
                     layers = torch.cuda.make_graphed_callables(stack, (static,), num_warmup_iters=3)
             elif kind == "compiled":
                 layers = torch.compile(stack)  # compiles in the first step below (minutes at full size)
-            for p in model.parameters():
-                p.grad = None
+            model.zero_grad(set_to_none=True)
             step(layers)  # one step from zero grads on the fixed batch: the gradients compared between rows
             grads = {n: p.grad.float().clone() for n, p in lora}
             if kind == "eager":
@@ -182,19 +180,18 @@ def run(args: argparse.Namespace) -> dict:
                 if device == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                for p in model.parameters():
-                    p.grad = None
+                model.zero_grad(set_to_none=True)
                 step(layers)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 if i >= warmup:
                     times.append((time.perf_counter() - t0) * 1e3)
             ms = statistics.median(times)
-            gib = (lambda n: round(n / 2**30, 2)) if device == "cuda" else (lambda n: None)
+            cuda = device == "cuda"
             # reserved, not only allocated: a graph's activations live in its private pool
             row = {"ms_per_step": round(ms, 2), "tokens_per_second": round(tokens / ms * 1e3),
-                   "peak_allocated_gib": gib(torch.cuda.max_memory_allocated()) if device == "cuda" else None,
-                   "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()) if device == "cuda" else None}
+                   "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                   "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None}
             if device == "cuda":
                 row["gpu_kernel_ms"] = gpu_kernel_ms(functools.partial(step, layers))
             ref = reference_grads.get(str(fp8))

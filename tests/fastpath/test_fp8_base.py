@@ -215,6 +215,16 @@ def test_fused_lora_with_fp8_base_equals_fp8_base_plus_peft_lora(monkeypatch) ->
         torch.testing.assert_close(got, want, atol=1e-6 * scale, rtol=1e-5, msg=lambda m, w=what: f"{w}: {m}")
 
 
+def _tiny_peft_model(config, targets: str):
+    """The tiny Phi-3 in bf16 (seed 0) with LoRA r=8 on ``targets``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return get_peft_model(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16),
+                          LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
+
+
 # qkv_proj adapted in layer 0 only: layer 1's input norm offers an input its plain qkv_proj never takes, and the
 # attention output o_proj reads next has the same shape -- only the identity check keeps o_proj from taking it.
 _QKV_IN_LAYER_0 = r".*\.(0\.self_attn\.qkv_proj|o_proj|gate_up_proj|down_proj)"
@@ -226,16 +236,11 @@ _QKV_IN_LAYER_0 = r".*\.(0\.self_attn\.qkv_proj|o_proj|gate_up_proj|down_proj)"
 def test_norm_and_swiglu_hand_their_quantised_output_to_the_next_fp8_linear(monkeypatch, targets: str) -> None:
     """With the fast path's layers on, qkv_proj, gate_up_proj and down_proj take the e4m3 input their norm /
     SwiGLU made (o_proj quantises its own); on a CPU (eager) the numbers equal quantising in the linear."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from phi3tune.fastpath import fp8_quantise, phi3_layers
 
     config = tiny_phi3_config()
     assert config.num_hidden_layers == 2  # hidden_size is also the attention output's width (no head_dim override)
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
+    model = _tiny_peft_model(config, targets)
     assert phi3_layers.patch() and lora_fused.patch()
     done = fp8_base.convert_lora_bases(model)
     assert done.linears == (8 if targets == "all-linear" else 7)
@@ -281,15 +286,10 @@ def test_only_kernels_whose_linear_is_fp8_quantise() -> None:
 # ----------------------------------------------------------------------------------------------- conversion
 @needs_hf_home
 def test_conversion_frees_bf16_weights_and_keeps_the_adapter(tmp_path) -> None:
-    from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     config = tiny_phi3_config()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
+    peft_model = _tiny_peft_model(config, "all-linear")
     bases = {n: m.base_layer for n, m in peft_model.named_modules() if hasattr(m, "base_layer")}
     refs = [weakref.ref(b.weight) for b in bases.values()]
     params = sum(b.weight.numel() for b in bases.values())
