@@ -73,6 +73,11 @@ def train_args(train_file: Path, output_dir: Path, *extra: str, lora_dropout: fl
         "training_config.logging_steps": 1,
         "peft_config.lora_dropout": lora_dropout,
     }
+    return tiny_train_args(output_dir, sets, *extra)
+
+
+def tiny_train_args(output_dir: Path, sets: dict, *extra: str) -> list[str]:
+    """``phi3tune train`` arguments: the tiny config into ``output_dir``, each of ``sets`` as a ``--set``."""
     args = ["train", str(TINY_CONFIG), "--output-dir", str(output_dir)]
     for key, value in sets.items():
         args += ["--set", f"{key}={value}"]

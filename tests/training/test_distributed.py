@@ -18,20 +18,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, TINY_CONFIG, needs_hf_home
+from conftest import REPO_ROOT, needs_hf_home
 from helpers import DISTRIBUTED_SETS as SETS, DISTRIBUTED_STEPS as STEPS
 from helpers import adapter_tensors, assert_same_losses, cli, losses, metrics_rows
 from helpers import run_phi3tune as _phi3tune, subprocess_env as _env, torchrun_command as _torchrun
-from helpers import wait_for_step as _wait_for_step
+from helpers import tiny_train_args, wait_for_step as _wait_for_step
 
 pytestmark = needs_hf_home
 
 
 def _args(out: Path, per_rank_batch: int, *extra: str, **sets) -> list[str]:
-    args = ["train", str(TINY_CONFIG), "--output-dir", str(out)]
-    for key, value in {**SETS, "training_config.per_device_train_batch_size": per_rank_batch, **sets}.items():
-        args += ["--set", f"{key}={value}"]
-    return args + list(extra)
+    return tiny_train_args(out, {**SETS, "training_config.per_device_train_batch_size": per_rank_batch, **sets}, *extra)
 
 
 def _check_one_writer_run(out: Path, result) -> None:

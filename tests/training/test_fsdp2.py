@@ -32,7 +32,7 @@ import yaml
 from conftest import REPO_ROOT, TINY_CONFIG, needs_hf_home
 from helpers import DISTRIBUTED_SETS, DISTRIBUTED_STEPS as STEPS
 from helpers import (adapter_tensors, assert_same_losses, cli, losses, metrics_rows, pickle_like_files, run_phi3tune,
-                     subprocess_env, wait_for_step)
+                     subprocess_env, tiny_train_args, wait_for_step)
 
 pytestmark = needs_hf_home
 
@@ -50,10 +50,7 @@ FSDP2 = {"training_config.fsdp": "true", "training_config.fsdp_config": "{fsdp_v
 
 
 def _args(out: Path, *extra: str, **sets) -> list[str]:
-    args = ["train", str(TINY_CONFIG), "--output-dir", str(out)]
-    for key, value in {**SETS, **sets}.items():
-        args += ["--set", f"{key}={value}"]
-    return args + list(extra)
+    return tiny_train_args(out, {**SETS, **sets}, *extra)
 
 
 def _load(*sets: str, training_config: dict | None = None, tmp_path: Path | None = None):
