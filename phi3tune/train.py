@@ -27,6 +27,7 @@ from transformers import PrinterCallback, set_seed
 from transformers.utils import logging as hf_logging
 from trl import SFTConfig
 
+from phi3tune.config.schema import max_length_of
 from phi3tune.errors import TrainingInterrupted, UsageError
 from phi3tune.fastpath import FastPathPlan, apply_patches, unpatch_all
 from phi3tune.fastpath.memory import shape_of
@@ -249,6 +250,14 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
         console.print(convert_lora_bases(trainer.model).summary(), highlight=False)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     console.print(f"trainable LoRA parameters: {trainable:,}")
+    graphs = None
+    if setup.fast_path.cuda_graphs:
+        from phi3tune.fastpath import cuda_graphs  # imported only where a GPU run plans them
+
+        graphs, line = cuda_graphs.install_for_trainer(
+            trainer, setup.fast_path.tokens_per_micro_batch, max_length_of(args),
+            int(args.get("per_device_train_batch_size", 1)))
+        console.print(line, highlight=False)
     with graceful_stop() as stop:
         on_signal = StopOnSignalCallback(stop, console)
         trainer.add_callback(on_signal)
@@ -266,6 +275,10 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
         finally:
             progress.on_train_end(trainer.args, trainer.state, trainer.control)  # also when train() raised
             trainer.remove_callback(on_signal)  # the final evaluation needs no per-batch stop check
+            if graphs is not None:
+                graphs.release()  # the layers' own forwards again, and the graphs' memory back
+                trainer.data_collator = trainer.data_collator.inner  # the final evaluation needs no padding
+                console.print(graphs.summary(), highlight=False)
     return trainer, stop, base_model_path
 
 

@@ -65,6 +65,10 @@ ROWS: dict[str, dict] = {
     "mem-lora-rows2": dict(via="recipe", config=_LORA, sets=["training_config.per_device_train_batch_size=2"]),
     "prof-lora": dict(via="recipe", config=_LORA, profile=True),
     "lora-fp8": dict(via="recipe", config=_LORA, sets=["model.base_precision=fp8"]),
+    # the same recipes without CUDA graphs (model.fast_path.cuda_graphs), for the A/B in one call
+    "lora-nographs": dict(via="recipe", config=_LORA, sets=["model.fast_path={cuda_graphs: false}"]),
+    "lora-fp8-nographs": dict(via="recipe", config=_LORA, sets=["model.base_precision=fp8",
+                                                                  "model.fast_path={cuda_graphs: false}"]),
     "prof-lora-fp8": dict(via="recipe", config=_LORA, profile=True, sets=["model.base_precision=fp8"]),
 }
 _GEN = dict(via="generate", samples=200, max_new_tokens=256)
@@ -153,8 +157,8 @@ class Meter:
     def count(self, inputs):
         if "attention_mask" in inputs and inputs["attention_mask"] is not None:
             self.tokens_micro += int(inputs["attention_mask"].sum())
-        else:
-            self.tokens_micro += int(inputs["input_ids"].numel())
+        else:  # padding-free; the CUDA-graph collator says how many pad tokens it appended
+            self.tokens_micro += int(inputs["input_ids"].numel()) - int(inputs.get("phi3tune_padding_tokens", 0))
         self.padded_micro += int(inputs["input_ids"].numel())
 
     def callback(self):

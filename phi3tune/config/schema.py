@@ -64,6 +64,10 @@ class FastPathConfig(_Strict):
     compiled_layers: bool = Field(
         True, description="Phi-3's residual+RMSNorm, qkv split+RoPE and SwiGLU compiled on the fused projections."
     )
+    cuda_graphs: bool = Field(
+        True, description="Replay each decoder layer's forward and backward from a CUDA graph (one GPU, packed "
+        "batches padded to the token budget, no activation checkpointing, not QLoRA).",
+    )
 
 
 class ModelConfig(_Strict):

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # Benchmark-only overrides of model.fast_path ("0" = off), for A/B rows of one recipe in one call.
 LORA_FUSED_ENV = "PHI3TUNE_LORA_FUSED"
 PHI3_LAYERS_ENV = "PHI3TUNE_PHI3_LAYERS"
+CUDA_GRAPHS_ENV = "PHI3TUNE_CUDA_GRAPHS"
 
 # Tokens per micro-batch: 4 packed rows of 2048. Below ~4k tokens an H100 is under-used by Phi-3-mini's
 # matmuls; above ~8k the gain is small and memory grows linearly.
@@ -82,6 +83,8 @@ class FastPathPlan:
         gpu_memory_bytes: The card size the plan was made for (CUDA only).
         kbit_prepare: QLoRA is prepared with ``phi3tune.model.prepare_kbit_model`` (bf16 norms), not peft's.
         sharded: FSDP2 shards this run's weights (several GPU ranks with ``training_config.fsdp``).
+        cuda_graphs: The decoder layers replay from CUDA graphs (``cuda_graphs.py``; one process only: the run
+            checks that when it installs them).
     """
 
     enabled: bool
@@ -94,6 +97,7 @@ class FastPathPlan:
     gpu_memory_bytes: float | None = None
     kbit_prepare: bool = False
     sharded: bool = False
+    cuda_graphs: bool = False
 
 
 def _switch(model_cfg: Any, key: str, env_name: str, env: Mapping[str, str]) -> bool:
@@ -291,7 +295,20 @@ def plan_fast_path(
         )
     plan.memory = chosen
 
-    # 5. Input pipeline: data are pre-tokenised; keep the GPU fed.
+    # 5. CUDA graphs over the decoder layers: fixed shapes, so only for packed token-budget batches.
+    if _switch(model_cfg, "cuda_graphs", CUDA_GRAPHS_ENV, env):
+        off = ("FSDP2 shards the weights" if sharded else "QLoRA's 4-bit kernels are not checked under capture"
+               if quantized else "batches are not packed with bfd" if not packed
+               else "activation checkpointing recomputes inside backward" if args.get("gradient_checkpointing")
+               else None)
+        if off:
+            plan.notes.append(f"fast path: CUDA graphs off ({off})")
+        else:
+            plan.cuda_graphs = True
+            plan.notes.append(f"fast path: decoder layers replayed from CUDA graphs, micro-batches padded to "
+                              f"{plan.tokens_per_micro_batch} tokens (model.fast_path.cuda_graphs)")
+
+    # 6. Input pipeline: data are pre-tokenised; keep the GPU fed.
     choose("dataloader_pin_memory", True, "pinned host batches")
     choose("dataloader_num_workers", 2, "collate off the training thread")
     if args.get("dataloader_num_workers"):

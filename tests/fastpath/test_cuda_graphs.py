@@ -1,0 +1,196 @@
+"""CUDA graphs over the decoder layers (fastpath/cuda_graphs.py): the static-shape padding changes no loss, the
+router runs the layers' own forwards wherever a graph does not apply, the policy turns graphs on only where they
+can work; on a GPU, graphed training follows eager training step for step, gradient accumulation included."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import needs_hf_home
+from helpers import tiny_phi3_config
+from phi3tune import fastpath
+from phi3tune.fastpath import attention, cuda_graphs, policy
+from phi3tune.fastpath.cuda_graphs import PADDING_KEY, DecoderGraphs, StaticShape, pad_batch, segment_capacity
+
+PAD = 32000
+
+
+def _collate(rows: list[list[int]]) -> dict:
+    """trl's padding-free collator on packed rows (``seq_lengths`` as trl's bfd packing writes them)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collator = DataCollatorForLanguageModeling(pad_token_id=PAD, padding_free=True)
+    g = torch.Generator().manual_seed(sum(map(sum, rows)))
+    examples = []
+    for lengths in rows:
+        ids = torch.randint(10, 2000, (sum(lengths),), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": ids, "seq_lengths": lengths})
+    return collator(examples)
+
+
+def test_pad_batch_appends_pad_samples_and_empty_segments() -> None:
+    batch = _collate([[5, 9], [7]])  # 21 tokens, 3 samples
+    shape = StaticShape(tokens=48, segments=8, max_length=16)
+    out = pad_batch(batch, shape, PAD)
+    assert out[PADDING_KEY] == 27
+    assert out["input_ids"].shape == out["labels"].shape == out["position_ids"].shape == (1, 48)
+    assert torch.equal(out["input_ids"][:, :21], batch["input_ids"]) and (out["input_ids"][0, 21:] == PAD).all()
+    assert torch.equal(out["labels"][:, :21], batch["labels"]) and (out["labels"][0, 21:] == -100).all()
+    # 27 pad tokens: one pad sample of 16 and one of 11 (never longer than max_length), then empty segments
+    assert out["cu_seq_lens_q"].tolist() == [0, 5, 14, 21, 37, 48, 48, 48, 48]
+    assert out["cu_seq_lens_k"] is out["cu_seq_lens_q"] and out["cu_seq_lens_q"].dtype == torch.int32
+    assert out["position_ids"][0, 21:].tolist() == list(range(16)) + list(range(11))
+    assert out["max_length_q"] == out["max_length_k"] == 16
+    assert out["seq_idx"].shape == (1, 48) and out["seq_idx"][0, 21:].tolist() == [3] * 16 + [4] * 11
+    assert "phi3tune_padding_tokens" not in batch  # the collator's own batch is not changed
+
+
+@pytest.mark.parametrize("shape", [StaticShape(tokens=16, segments=8, max_length=16),   # too many tokens
+                                   StaticShape(tokens=48, segments=3, max_length=16),   # too many samples
+                                   StaticShape(tokens=48, segments=8, max_length=8)])   # a sample too long
+def test_a_batch_that_does_not_fit_is_returned_unchanged(shape: StaticShape) -> None:
+    batch = _collate([[5, 9], [7]])
+    assert pad_batch(batch, shape, PAD) is batch
+
+
+def test_segment_capacity_is_the_fullest_rows_plus_pad_samples() -> None:
+    rows = [[100], [10, 20, 30], [5] * 7, [50, 50]]
+    assert segment_capacity(rows, rows=2, shape_tokens=4096, max_length=2048) == 7 + 3 + 2
+
+
+@needs_hf_home
+def test_padding_changes_neither_the_loss_nor_the_real_tokens_logits() -> None:
+    from transformers import AutoModelForCausalLM
+
+    attention.patch()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_phi3_config(sliding_window=8), attn_implementation=attention.VARLEN)
+    batch = _collate([[6, 9], [12]])
+    padded = pad_batch(batch, StaticShape(tokens=64, segments=10, max_length=16), PAD)
+    padded = {k: v for k, v in padded.items() if k != PADDING_KEY}
+    with torch.no_grad():
+        plain, pad = model(**batch), model(**padded)
+    assert torch.allclose(pad.logits[:, :27], plain.logits, atol=1e-5)
+    assert torch.allclose(pad.loss, plain.loss, atol=1e-6)
+
+
+@needs_hf_home
+def test_router_runs_the_layers_own_forward_where_no_graph_applies() -> None:
+    from transformers import AutoModelForCausalLM
+
+    attention.patch()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_phi3_config(), attn_implementation=attention.VARLEN).train()
+    batch = _collate([[6, 9], [12]])
+    want = model(**batch).logits
+    graphs = DecoderGraphs(model.model.layers, StaticShape(tokens=27, segments=3, max_length=12)).install()
+    assert all("forward" in vars(layer) for layer in model.model.layers)
+    got = model(**batch).logits  # on a CPU: never a graph
+    assert torch.equal(got, want) and graphs.eager == 1 and graphs.replayed == 0 and graphs.graphed is None
+    graphs.release()
+    assert not any("forward" in vars(layer) for layer in model.model.layers)
+    assert torch.equal(model(**batch).logits, want)
+
+
+def _model_cfg(**switches):
+    return SimpleNamespace(attn_implementation="auto", quantization=None,
+                           fast_path=SimpleNamespace(fused_lora=None, compiled_layers=None, **switches))
+
+
+@pytest.mark.parametrize("args, model, why", [
+    ({}, {}, None),
+    ({"gradient_checkpointing": True}, {}, "activation checkpointing"),
+    ({"packing": False}, {}, "not packed"),
+    ({"fsdp": "full_shard"}, {}, "FSDP2"),
+    ({}, {"quantization": "4bit"}, "QLoRA"),
+])
+def test_policy_plans_graphs_only_where_they_can_work(args: dict, model: dict, why: str | None) -> None:
+    model_cfg = _model_cfg()
+    for key, value in model.items():
+        setattr(model_cfg, key, value)
+    plan = policy.plan_fast_path(model_cfg, {"max_length": 2048, "bf16": True, **args}, "cuda", gpu_memory=80 * 2**30,
+                                 env={})
+    assert plan.cuda_graphs is (why is None)
+    notes = [line for line in plan.notes if "CUDA graphs" in line]
+    assert len(notes) == 1, plan.notes
+    assert ("replayed from CUDA graphs" in notes[0]) if why is None else (why in notes[0] and "CUDA graphs off (" in notes[0]), notes
+
+
+def test_policy_switch_and_benchmark_override_turn_graphs_off() -> None:
+    args = {"max_length": 2048, "bf16": True}
+    assert not policy.plan_fast_path(_model_cfg(cuda_graphs=False), args, "cuda", gpu_memory=80 * 2**30,
+                                     env={}).cuda_graphs
+    assert not policy.plan_fast_path(_model_cfg(), args, "cuda", gpu_memory=80 * 2**30,
+                                     env={policy.CUDA_GRAPHS_ENV: "0"}).cuda_graphs
+    assert not policy.plan_fast_path(_model_cfg(), args, "cpu", env={}).cuda_graphs
+
+
+# ------------------------------------------------------------------------------------------------------ GPU
+
+
+def _gpu_training(graphed: bool, steps: int = 6, accumulation: int = 2) -> tuple[list[float], DecoderGraphs | None]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    plan = fastpath.FastPathPlan(enabled=True, attn=attention.VARLEN, args={},
+                                 patches=["attention", "phi3_layers", "peft_cast", "lora_fused"])
+    assert fastpath.apply_patches(plan) == []
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_phi3_config(num_hidden_layers=3, sliding_window=8),
+                                             attn_implementation=attention.VARLEN, dtype=torch.bfloat16).cuda()
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora).train()
+    shape = StaticShape(tokens=96, segments=12, max_length=32)
+    graphs = DecoderGraphs(model.get_base_model().model.layers, shape).install() if graphed else None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        total = 0.0
+        for _ in range(accumulation):
+            rows = [[int(torch.randint(3, 16, (1,), generator=g)) for _ in range(2)] for _ in range(3)]
+            batch = pad_batch(_collate(rows), shape, PAD)
+            batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items() if k != PADDING_KEY}
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**batch).loss / accumulation
+            loss.backward()
+            total += float(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    if graphs is not None:
+        graphs.release()
+    fastpath.unpatch_all()
+    return losses, graphs
+
+
+@needs_hf_home
+@pytest.mark.skipif(not attention.varlen_kernel_available("cuda"), reason="needs a CUDA GPU (sm80+) with torch varlen_attn")
+def test_gpu_graphed_training_follows_eager_training() -> None:  # pragma: no cover - GPU only
+    eager, _ = _gpu_training(graphed=False)
+    graphed, graphs = _gpu_training(graphed=True)
+    assert graphs.failure is None and graphs.replayed == 12 and graphs.eager == 0, graphs.summary()
+    rel = [abs(a - b) / abs(b) for a, b in zip(graphed, eager)]
+    assert max(rel) < 0.01, (rel, graphed, eager)  # accumulation that doubled a micro-batch would be far off
+
+
+@needs_hf_home
+@pytest.mark.skipif(not attention.varlen_kernel_available("cuda"), reason="needs a CUDA GPU (sm80+) with torch varlen_attn")
+def test_gpu_kernel_takes_pad_samples_and_empty_segments() -> None:  # pragma: no cover - GPU only
+    from transformers import AutoModelForCausalLM
+
+    attention.patch()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_phi3_config(sliding_window=8), attn_implementation=attention.VARLEN,
+                                             dtype=torch.bfloat16).cuda()
+    batch = _collate([[6, 9], [12]])
+    padded = pad_batch(batch, StaticShape(tokens=64, segments=10, max_length=16), PAD)
+    plain = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    padded = {k: v.cuda() if torch.is_tensor(v) else v for k, v in padded.items() if k != PADDING_KEY}
+    with torch.no_grad():
+        a, b = model(**plain), model(**padded)
+    assert torch.isfinite(b.logits).all()
+    assert torch.allclose(b.logits[:, :27].float(), a.logits.float(), atol=2e-2) and abs(float(a.loss - b.loss)) < 1e-2
