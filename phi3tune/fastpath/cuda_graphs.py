@@ -106,7 +106,7 @@ def pad_batch(batch: dict[str, Any], shape: StaticShape, pad_token_id: int) -> d
     if "seq_idx" in batch:
         first = cu.numel() - 1
         pad_idx = torch.repeat_interleave(torch.arange(first, first + len(chunks), dtype=batch["seq_idx"].dtype),
-                                          torch.tensor(chunks))
+                                          torch.tensor(chunks, dtype=torch.int64))
         out["seq_idx"] = torch.cat([batch["seq_idx"], pad_idx[None]], dim=1)
     out[PADDING_KEY] = missing
     return out

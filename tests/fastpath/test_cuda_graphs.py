@@ -48,6 +48,13 @@ def test_pad_batch_appends_pad_samples_and_empty_segments() -> None:
     assert "phi3tune_padding_tokens" not in batch  # the collator's own batch is not changed
 
 
+def test_a_full_batch_gets_only_empty_segments() -> None:
+    batch = _collate([[16], [10, 6]])  # bfd rows filled to max_length: nothing to pad
+    out = pad_batch(batch, StaticShape(tokens=32, segments=5, max_length=16), PAD)
+    assert out[PADDING_KEY] == 0 and torch.equal(out["input_ids"], batch["input_ids"])
+    assert out["cu_seq_lens_q"].tolist() == [0, 16, 26, 32, 32, 32] and torch.equal(out["seq_idx"], batch["seq_idx"])
+
+
 @pytest.mark.parametrize("shape", [StaticShape(tokens=16, segments=8, max_length=16),   # too many tokens
                                    StaticShape(tokens=48, segments=3, max_length=16),   # too many samples
                                    StaticShape(tokens=48, segments=8, max_length=8)])   # a sample too long
@@ -155,9 +162,9 @@ def _gpu_training(graphed: bool, steps: int = 6, accumulation: int = 2) -> tuple
             batch = pad_batch(_collate(rows), shape, PAD)
             batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items() if k != PADDING_KEY}
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(**batch).loss / accumulation
+                loss = model(**batch, use_cache=False).loss / accumulation  # as trl calls it
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total)
