@@ -48,6 +48,7 @@ PADDING_KEY = "phi3tune_padding_tokens"
 # Keyword arguments a packed batch brings to each decoder layer that the graph either takes or may ignore.
 _SEGMENT_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
 _IGNORED_KWARGS = {"seq_idx"}  # linear-attention layers' per-token sample index: Phi-3 does not read it
+_FALSE_KWARGS = {"output_attentions", "output_hidden_states"}  # transformers passes them down; only False replays
 
 
 @dataclass(frozen=True)
@@ -222,9 +223,8 @@ class DecoderGraphs:
             return "not training"
         if attention_mask is not None or past_key_values is not None or use_cache or position_embeddings is None:
             return "a mask, a KV cache or no RoPE tensors"
-        if not hidden.is_cuda:
-            return "not on a CUDA device"
-        if set(kwargs) - _SEGMENT_KWARGS - _IGNORED_KWARGS or not _SEGMENT_KWARGS <= set(kwargs):
+        unknown = set(kwargs) - _SEGMENT_KWARGS - _IGNORED_KWARGS - _FALSE_KWARGS
+        if unknown or not _SEGMENT_KWARGS <= set(kwargs) or any(kwargs.get(k) for k in _FALSE_KWARGS):
             return f"layer arguments {sorted(kwargs)}"
         cos, _sin = position_embeddings
         if not (hidden.shape[:2] == (1, shape.tokens) and position_ids is not None
@@ -233,6 +233,8 @@ class DecoderGraphs:
         if not (kwargs["cu_seq_lens_q"].numel() == kwargs["cu_seq_lens_k"].numel() == shape.segments + 1
                 and kwargs["max_length_q"] == kwargs["max_length_k"] == shape.max_length):
             return f"{kwargs['cu_seq_lens_q'].numel() - 1} segments / max_length {kwargs['max_length_q']}"
+        if not hidden.is_cuda:  # last: a CPU test of every check above ends here
+            return "not on a CUDA device"
         return None
 
     def _start(self, hidden, attention_mask, position_ids, past_key_values, use_cache, position_embeddings,

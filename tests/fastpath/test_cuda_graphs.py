@@ -92,14 +92,21 @@ def test_router_runs_the_layers_own_forward_where_no_graph_applies() -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_phi3_config(), attn_implementation=attention.VARLEN).train()
     batch = _collate([[6, 9], [12]])
-    want = model(**batch).logits
+    want = model(**batch, use_cache=False).logits
     graphs = DecoderGraphs(model.model.layers, StaticShape(tokens=27, segments=3, max_length=12)).install()
     assert all("forward" in vars(layer) for layer in model.model.layers)
-    got = model(**batch).logits  # on a CPU: never a graph
+    got = model(**batch, use_cache=False).logits  # as trl calls it; on a CPU never a graph
     assert torch.equal(got, want) and graphs.eager == 1 and graphs.replayed == 0 and graphs.graphed is None
+    # the device is the last check: every other condition of a replay held for this call
+    assert graphs.last_eager_reason == "not on a CUDA device", graphs.last_eager_reason
+    model(**batch)  # use_cache defaults to True: a KV cache, never a graph
+    assert "KV cache" in graphs.last_eager_reason
+    with torch.no_grad():
+        model(**batch, use_cache=False)
+    assert graphs.eager == 2  # evaluation is not counted as a training micro-batch
     graphs.release()
     assert not any("forward" in vars(layer) for layer in model.model.layers)
-    assert torch.equal(model(**batch).logits, want)
+    assert torch.equal(model(**batch, use_cache=False).logits, want)
 
 
 def _model_cfg(**switches):
