@@ -65,10 +65,12 @@ ROWS: dict[str, dict] = {
     "mem-lora-rows2": dict(via="recipe", config=_LORA, sets=["training_config.per_device_train_batch_size=2"]),
     "prof-lora": dict(via="recipe", config=_LORA, profile=True),
     "lora-fp8": dict(via="recipe", config=_LORA, sets=["model.base_precision=fp8"]),
-    # the same recipes without CUDA graphs (model.fast_path.cuda_graphs), for the A/B in one call
-    "lora-nographs": dict(via="recipe", config=_LORA, sets=["model.fast_path={cuda_graphs: false}"]),
-    "lora-fp8-nographs": dict(via="recipe", config=_LORA, sets=["model.base_precision=fp8",
-                                                                  "model.fast_path={cuda_graphs: false}"]),
+    # the same recipes with CUDA graphs over the decoder layers (model.fast_path.cuda_graphs, opt-in)
+    "lora-graphs": dict(via="recipe", config=_LORA, sets=["model.fast_path={cuda_graphs: true}"]),
+    "lora-fp8-graphs": dict(via="recipe", config=_LORA, sets=["model.base_precision=fp8",
+                                                              "model.fast_path={cuda_graphs: true}"]),
+    "prof-lora-fp8-graphs": dict(via="recipe", config=_LORA, profile=True,
+                                 sets=["model.base_precision=fp8", "model.fast_path={cuda_graphs: true}"]),
     "prof-lora-fp8": dict(via="recipe", config=_LORA, profile=True, sets=["model.base_precision=fp8"]),
 }
 _GEN = dict(via="generate", samples=200, max_new_tokens=256)
@@ -416,6 +418,10 @@ def _run_recipe(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
 
     extra = []
     if spec.get("profile"):
+        import torch
+
+        if hasattr(torch.profiler, "_utils") and hasattr(torch.profiler._utils, "_init_for_cuda_graphs"):
+            torch.profiler._utils._init_for_cuda_graphs()  # a profiler after a graph capture needs it on old CUDA
         extra.append(profiler_callback(Path(ctx["out"]) / f"profile-{spec['name']}.txt", start=6, steps=2))
     instrument(ptrainer.Phi3Trainer, meter, extra)
     from phi3tune.cli import app

@@ -65,8 +65,9 @@ class FastPathConfig(_Strict):
         True, description="Phi-3's residual+RMSNorm, qkv split+RoPE and SwiGLU compiled on the fused projections."
     )
     cuda_graphs: bool = Field(
-        True, description="Replay each decoder layer's forward and backward from a CUDA graph (one GPU, packed "
-        "batches padded to the token budget, no activation checkpointing, not QLoRA).",
+        False, description="Replay each decoder layer's forward and backward from a CUDA graph (one GPU, packed "
+        "batches padded to the token budget, no activation checkpointing, not QLoRA). Off by default: it pays "
+        "only where the CPU cannot keep the GPU busy (docs/benchmarks.md).",
     )
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from phi3tune.config.schema import max_length_of
@@ -100,12 +100,12 @@ class FastPathPlan:
     cuda_graphs: bool = False
 
 
-def _switch(model_cfg: Any, key: str, env_name: str, env: Mapping[str, str]) -> bool:
+def _switch(model_cfg: Any, key: str, env_name: str, env: Mapping[str, str], default: bool = True) -> bool:
     if env.get(env_name) is not None:
         return env[env_name] != "0"
     switches = getattr(model_cfg, "fast_path", None)
     value = getattr(switches, key, None) if switches is not None else None
-    return True if value is None else bool(value)
+    return default if value is None else bool(value)
 
 
 def _flash_attn_available() -> bool:
@@ -295,8 +295,10 @@ def plan_fast_path(
         )
     plan.memory = chosen
 
-    # 5. CUDA graphs over the decoder layers: fixed shapes, so only for packed token-budget batches.
-    if _switch(model_cfg, "cuda_graphs", CUDA_GRAPHS_ENV, env):
+    # 5. CUDA graphs over the decoder layers (opt-in): fixed shapes, so only for packed token-budget batches.
+    # Measured on an H200 host whose CPU keeps up (docs/benchmarks.md "2026-12-02"): fp8 +0.8%, bf16 -3.5%; they
+    # pay only where the profile shows the GPU waiting on kernel launches.
+    if _switch(model_cfg, "cuda_graphs", CUDA_GRAPHS_ENV, env, default=False):
         off = ("FSDP2 shards the weights" if sharded else "QLoRA's 4-bit kernels are not checked under capture"
                if quantized else "batches are not packed with bfd" if not packed
                else "activation checkpointing recomputes inside backward" if args.get("gradient_checkpointing")
@@ -305,8 +307,11 @@ def plan_fast_path(
             plan.notes.append(f"fast path: CUDA graphs off ({off})")
         else:
             plan.cuda_graphs = True
+            extra = memory.cuda_graph_bytes(plan.tokens_per_micro_batch, shape)
+            plan.memory = replace(chosen, fixed=chosen.fixed + extra)
             plan.notes.append(f"fast path: decoder layers replayed from CUDA graphs, micro-batches padded to "
-                              f"{plan.tokens_per_micro_batch} tokens (model.fast_path.cuda_graphs)")
+                              f"{plan.tokens_per_micro_batch} tokens, +{extra / 2**30:.1f} GiB of static buffers "
+                              "(model.fast_path.cuda_graphs)")
 
     # 6. Input pipeline: data are pre-tokenised; keep the GPU fed.
     choose("dataloader_pin_memory", True, "pinned host batches")

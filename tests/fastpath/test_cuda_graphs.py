@@ -122,7 +122,7 @@ def _model_cfg(**switches):
     ({}, {"quantization": "4bit"}, "QLoRA"),
 ])
 def test_policy_plans_graphs_only_where_they_can_work(args: dict, model: dict, why: str | None) -> None:
-    model_cfg = _model_cfg()
+    model_cfg = _model_cfg(cuda_graphs=True)
     for key, value in model.items():
         setattr(model_cfg, key, value)
     plan = policy.plan_fast_path(model_cfg, {"max_length": 2048, "bf16": True, **args}, "cuda", gpu_memory=80 * 2**30,
@@ -133,13 +133,15 @@ def test_policy_plans_graphs_only_where_they_can_work(args: dict, model: dict, w
     assert ("replayed from CUDA graphs" in notes[0]) if why is None else (why in notes[0] and "CUDA graphs off (" in notes[0]), notes
 
 
-def test_policy_switch_and_benchmark_override_turn_graphs_off() -> None:
+def test_graphs_are_opt_in_and_their_buffers_are_in_the_memory_plan() -> None:
     args = {"max_length": 2048, "bf16": True}
-    assert not policy.plan_fast_path(_model_cfg(cuda_graphs=False), args, "cuda", gpu_memory=80 * 2**30,
-                                     env={}).cuda_graphs
-    assert not policy.plan_fast_path(_model_cfg(), args, "cuda", gpu_memory=80 * 2**30,
-                                     env={policy.CUDA_GRAPHS_ENV: "0"}).cuda_graphs
+    default = policy.plan_fast_path(_model_cfg(), args, "cuda", gpu_memory=80 * 2**30, env={})
+    assert not default.cuda_graphs and not any("CUDA graphs" in line for line in default.notes)
     assert not policy.plan_fast_path(_model_cfg(), args, "cpu", env={}).cuda_graphs
+    on = policy.plan_fast_path(_model_cfg(cuda_graphs=True), args, "cuda", gpu_memory=80 * 2**30, env={})
+    assert on.cuda_graphs and policy.plan_fast_path(_model_cfg(), args, "cuda", gpu_memory=80 * 2**30,
+                                                    env={policy.CUDA_GRAPHS_ENV: "1"}).cuda_graphs
+    assert on.memory.peak - default.memory.peak == 32 * 8192 * 3072 * 2  # a static input buffer a layer
 
 
 # ------------------------------------------------------------------------------------------------------ GPU
