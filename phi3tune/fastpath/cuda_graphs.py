@@ -3,8 +3,10 @@
 Why: with the fast path's fused kernels a training step launches ~2,900 kernels through Python. With the fp8 base
 the GPU then waits on the CPU (52% busy under the profiler, ~215 ms of kernels in a ~342 ms step on an H200;
 docs/benchmarks.md "2026-12-01 (night)"). A graph replays a layer's ~45 forward or ~45 backward kernels with one
-launch. Measured on the decoder stack (``scripts/bench_graphs.py``, docs/benchmarks.md "2026-12-02"): fp8 295 ->
-257 ms a step.
+launch. Measured (docs/benchmarks.md "2026-12-02", H200): the decoder stack alone (``scripts/bench_graphs.py``) fp8
+295 -> 257 ms a step; in the recipe on a host whose CPU keeps up, fp8 1.01x and bf16 0.96x, because the padding
+below costs ~3.5% without graphs. Hence opt-in (``model.fast_path.cuda_graphs``): for hosts where the GPU waits
+on launches.
 
 How
 ---

@@ -15,6 +15,8 @@ The levers, each measured in docs/benchmarks.md:
   the fused projections (``phi3_layers.py``); Liger's kernels for the same three only where that is off.
 * ``model.fast_path.fused_lora``: each LoRA linear fused with its frozen base (``lora_fused.py``).
 * LoRA inputs stay bf16 under autocast (``peft_cast.py``); pinned, persistent dataloader workers.
+* ``model.fast_path.cuda_graphs`` (opt-in): the decoder layers replayed from CUDA graphs over batches padded to
+  the token budget (``cuda_graphs.py``); off with FSDP2, QLoRA, checkpointing or unpacked data.
 * ``model.base_precision: fp8`` (opt-in, Hopper only: checked here): the memory model counts the converted base
   at 1 byte a parameter; the conversion itself runs after peft has wrapped the model (``fp8_base.py``).
 

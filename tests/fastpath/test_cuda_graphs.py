@@ -109,6 +109,27 @@ def test_router_runs_the_layers_own_forward_where_no_graph_applies() -> None:
     assert torch.equal(model(**batch, use_cache=False).logits, want)
 
 
+def test_trainer_keeps_pad_tokens_out_of_the_model_and_the_token_count(monkeypatch) -> None:
+    from trl import SFTTrainer
+
+    from phi3tune.training.trainer import Phi3Trainer
+
+    seen: dict = {}
+
+    def trl_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        seen.update(inputs)
+        self._total_train_tokens += inputs["position_ids"].size(1)  # what trl counts for a padding-free batch
+        return torch.tensor(1.0)
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", trl_compute_loss)
+    trainer = object.__new__(Phi3Trainer)
+    trainer._total_train_tokens = 0
+    batch = pad_batch(_collate([[5, 9], [7]]), StaticShape(tokens=48, segments=8, max_length=16), PAD)
+    Phi3Trainer.compute_loss(trainer, SimpleNamespace(training=True), batch)
+    assert PADDING_KEY not in seen and seen["input_ids"].shape == (1, 48)
+    assert trainer._total_train_tokens == 21
+
+
 def _model_cfg(**switches):
     return SimpleNamespace(attn_implementation="auto", quantization=None,
                            fast_path=SimpleNamespace(fused_lora=None, compiled_layers=None, **switches))
