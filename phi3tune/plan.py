@@ -148,6 +148,9 @@ def print_plan(cfg: Any, console: Console, *, gpu_memory_gib: float | None = Non
     table.add_row("checkpointing", verdict.checkpointing)
     fused = [name for name in plan.patches if name != "attention"]
     table.add_row("fused kernels", ", ".join(fused) if fused else "none")
+    graphs = [line.removeprefix("fast path: ") for line in plan.notes if "CUDA graphs" in line]
+    if graphs:  # asked for: on, or why not
+        table.add_row("CUDA graphs", graphs[0])
     steps = args.get("max_steps", -1)
     table.add_row("length", f"{steps} steps" if steps and steps > 0 else f"{args.get('num_train_epochs', 3)} epochs")
     table.add_row("learning rate", f"{args.get('learning_rate', 2e-5)} ({args.get('lr_scheduler_type', 'linear')})")

@@ -189,11 +189,17 @@ def plan_fast_path(
 
     if attn == attention.VARLEN:
         plan.patches.append("attention")
+    graphs_asked = _switch(model_cfg, "cuda_graphs", CUDA_GRAPHS_ENV, env, default=False)
     if device_type != "cuda":
         plan.notes.append(f"fast path: off ({device_type}: the GPU levers do not apply)")
+        if graphs_asked:
+            plan.notes.append(f"fast path: CUDA graphs off (no CUDA GPU: {device_type})")
         return plan
     if requested not in ("auto", "varlen"):
         plan.notes.append(f"fast path: off (model.attn_implementation: {requested} was chosen explicitly)")
+        if graphs_asked:
+            plan.notes.append(f"fast path: CUDA graphs off (they need the fast path: model.attn_implementation "
+                              f"auto or varlen, not {requested})")
         return plan
     plan.enabled = True
     plan.kbit_prepare = quantized and attn == attention.VARLEN
@@ -300,7 +306,7 @@ def plan_fast_path(
     # 5. CUDA graphs over the decoder layers (opt-in): fixed shapes, so only for packed token-budget batches.
     # Measured on an H200 host whose CPU keeps up (docs/benchmarks.md "2026-12-02"): fp8 +0.8%, bf16 -3.5%; they
     # pay only where the profile shows the GPU waiting on kernel launches.
-    if _switch(model_cfg, "cuda_graphs", CUDA_GRAPHS_ENV, env, default=False):
+    if graphs_asked:
         off = ("FSDP2 shards the weights" if sharded else "QLoRA's 4-bit kernels are not checked under capture"
                if quantized else "batches are not packed with bfd" if not packed
                else "activation checkpointing recomputes inside backward" if args.get("gradient_checkpointing")

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import needs_hf_home
-from helpers import tiny_phi3_config
+from conftest import TINY_CONFIG, needs_hf_home
+from helpers import cli, tiny_phi3_config
 from phi3tune import fastpath
 from phi3tune.fastpath import attention, cuda_graphs, policy
 from phi3tune.fastpath.cuda_graphs import PADDING_KEY, DecoderGraphs, StaticShape, pad_batch, segment_capacity
@@ -163,6 +163,20 @@ def test_graphs_are_opt_in_and_their_buffers_are_in_the_memory_plan() -> None:
     assert on.cuda_graphs and policy.plan_fast_path(_model_cfg(), args, "cuda", gpu_memory=80 * 2**30,
                                                     env={policy.CUDA_GRAPHS_ENV: "1"}).cuda_graphs
     assert on.memory.peak - default.memory.peak == 32 * 8192 * 3072 * 2  # a static input buffer a layer
+
+
+@needs_hf_home
+def test_dry_run_says_whether_graphs_will_run() -> None:
+    def dry_run(*sets: str) -> str:
+        args = ["train", str(TINY_CONFIG), "--dry-run", "--gpu-memory", "80", "--set", "model.fast_path.cuda_graphs=true"]
+        result = cli(args + [part for s in sets for part in ("--set", s)])
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    assert "CUDA graphs off (they need the fast path: model.attn_implementation auto or varlen, not sdpa)" in dry_run()
+    assert "decoder layers replayed from CUDA graphs" in dry_run("model.attn_implementation=auto")
+    out = dry_run("model.attn_implementation=auto", "training_config.gradient_checkpointing=true")
+    assert "CUDA graphs off (activation checkpointing" in out, out
 
 
 # ------------------------------------------------------------------------------------------------------ GPU
