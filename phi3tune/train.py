@@ -277,7 +277,7 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
             trainer.remove_callback(on_signal)  # the final evaluation needs no per-batch stop check
             if graphs is not None:
                 graphs.release()  # the layers' own forwards again, and the graphs' memory back
-                trainer.data_collator = trainer.data_collator.inner  # the final evaluation needs no padding
+                trainer.train_collator = None
                 console.print(graphs.summary(), highlight=False)
     return trainer, stop, base_model_path
 

@@ -10,15 +10,12 @@ on launches.
 
 How
 ---
-A graph replays fixed shapes, so the batches get fixed shapes first (``StaticBatchCollator``): every packed,
-padding-free micro-batch is padded to the plan's token budget with pad segments (labels -100, so the loss, its
-normalisation and the metrics are unchanged), its ``cu_seq_lens`` to a fixed count with empty segments, and
-``max_length`` is the packing row length. ``DecoderGraphs`` then routes each ``Phi3DecoderLayer``'s forward:
-on the first training micro-batch of those shapes it captures all layers together with
-``torch.cuda.make_graphed_callables`` (one memory pool, forward graphs in order, backward graphs in reverse), and
-later micro-batches replay them. Anything else -- evaluation, no grad, another shape, a mask, a KV cache, other
-autocast settings -- runs the layer's own forward. A capture that fails turns the graphs off for the run with
-one warning; training continues eagerly.
+The batches get one shape first (``static_batches.StaticBatchCollator``, for the training dataloader only).
+``DecoderGraphs`` then routes each ``Phi3DecoderLayer``'s forward: on the first training micro-batch of that shape
+it captures all layers together with ``torch.cuda.make_graphed_callables`` (one memory pool, forward graphs in
+order, backward graphs in reverse), and later micro-batches replay them. Anything else -- evaluation, no grad,
+another shape, a mask, a KV cache, other autocast settings -- runs the layer's own forward. A capture that fails
+turns the graphs off for the run with one warning; training continues eagerly.
 
 Rules it keeps (each checked where it could break):
 * The parameters' gradients: ``make_graphed_callables`` hands autograd its static gradient buffers. Where a
@@ -29,102 +26,26 @@ Rules it keeps (each checked where it could break):
   micro-batch, at layer 0; a layer's input hidden state is copied into its own static buffer (one copy a layer).
 * Off (policy.py) with gradient checkpointing, QLoRA, several processes, or unpacked batches.
 
-Public API: ``StaticShape``, ``StaticBatchCollator``, ``pad_batch``, ``segment_capacity``, ``DecoderGraphs``,
-``PADDING_KEY``.
+Public API: ``DecoderGraphs``, ``install_for_trainer``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from phi3tune.errors import Phi3TuneError
+from phi3tune.fastpath.static_batches import StaticBatchCollator, StaticShape, segment_capacity
+
 log = logging.getLogger(__name__)
 
-# Batch key the collator adds: pad tokens it appended (the trainer pops it before the model sees the batch).
-PADDING_KEY = "phi3tune_padding_tokens"
 # Keyword arguments a packed batch brings to each decoder layer that the graph either takes or may ignore.
 _SEGMENT_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
 _IGNORED_KWARGS = {"seq_idx"}  # linear-attention layers' per-token sample index: Phi-3 does not read it
 _FALSE_KWARGS = {"output_attentions", "output_hidden_states"}  # transformers passes them down; only False replays
-
-
-@dataclass(frozen=True)
-class StaticShape:
-    """The one shape every graphed micro-batch has.
-
-    Attributes:
-        tokens: Tokens a micro-batch is padded to (packed rows x row length: the token budget).
-        segments: Samples a micro-batch may hold (``cu_seq_lens`` has one more entry).
-        max_length: The longest sample (the packing row length).
-    """
-
-    tokens: int
-    segments: int
-    max_length: int
-
-
-def segment_capacity(seq_lengths: Iterable[Sequence[int]], rows: int, shape_tokens: int, max_length: int) -> int:
-    """Samples the fullest micro-batch of ``rows`` packed rows can hold, plus the pad segments it may need.
-
-    ``seq_lengths`` is trl's packed ``seq_lengths`` column (one list of sample lengths per packed row). Batches
-    are drawn in any order, so the bound is the ``rows`` rows with the most samples.
-    """
-    counts = sorted((len(s) for s in seq_lengths), reverse=True)
-    return sum(counts[:rows]) + math.ceil(shape_tokens / max_length)
-
-
-def pad_batch(batch: dict[str, Any], shape: StaticShape, pad_token_id: int) -> dict[str, Any]:
-    """``batch`` (trl's padding-free collator output) padded to ``shape``; unchanged where it does not fit.
-
-    The pad tokens form samples of their own of at most ``max_length`` tokens each (positions from 0, labels -100),
-    so attention never mixes them with real tokens and the kernel's ``max_length`` holds. The remaining
-    ``cu_seq_lens`` entries repeat the total: empty samples.
-    """
-    ids = batch.get("input_ids")
-    cu = batch.get("cu_seq_lens_q")
-    if ids is None or cu is None or ids.dim() != 2 or ids.shape[0] != 1 or "position_ids" not in batch:
-        return batch
-    real = ids.shape[1]
-    missing = shape.tokens - real
-    longest = batch.get("max_length_q", 0)
-    chunks = [shape.max_length] * (missing // shape.max_length) + ([missing % shape.max_length]
-                                                                     if missing % shape.max_length else [])
-    if missing < 0 or longest > shape.max_length or cu.numel() - 1 + len(chunks) > shape.segments:
-        return batch
-    out = dict(batch)
-    out["input_ids"] = torch.cat([ids, ids.new_full((1, missing), pad_token_id)], dim=1)
-    out["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((1, missing), -100)], dim=1)
-    pad_positions = [torch.arange(n, dtype=batch["position_ids"].dtype) for n in chunks]
-    out["position_ids"] = torch.cat([batch["position_ids"], *(p[None] for p in pad_positions)], dim=1)
-    ends = (real + torch.tensor(chunks, dtype=torch.int64).cumsum(0)).to(cu.dtype)
-    empty = shape.segments + 1 - cu.numel() - len(chunks)
-    cu_padded = torch.cat([cu, ends, cu.new_full((empty,), shape.tokens)])
-    out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu_padded
-    out["max_length_q"] = out["max_length_k"] = shape.max_length
-    if "seq_idx" in batch:
-        first = cu.numel() - 1
-        pad_idx = torch.repeat_interleave(torch.arange(first, first + len(chunks), dtype=batch["seq_idx"].dtype),
-                                          torch.tensor(chunks, dtype=torch.int64))
-        out["seq_idx"] = torch.cat([batch["seq_idx"], pad_idx[None]], dim=1)
-    out[PADDING_KEY] = missing
-    return out
-
-
-@dataclass
-class StaticBatchCollator:
-    """trl's padding-free collator, then ``pad_batch``. A module-level dataclass: dataloader workers pickle it."""
-
-    inner: Any
-    shape: StaticShape
-    pad_token_id: int
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        return pad_batch(self.inner(examples), self.shape, self.pad_token_id)
 
 
 class _LayerCall(torch.nn.Module):
@@ -286,6 +207,8 @@ class DecoderGraphs:
         try:
             with context:
                 graphed = torch.cuda.make_graphed_callables(tuple(calls), tuple(samples), num_warmup_iters=3)
+        except Phi3TuneError:
+            raise  # a second stop signal during the capture (TrainingInterrupted) stops the run as anywhere else
         except Exception as exc:  # noqa: BLE001 - any capture failure leaves training on the eager path
             self.failure = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             log.warning("CUDA graphs off for this run, the layers run eagerly: %s", self.failure)
@@ -329,7 +252,8 @@ def install_for_trainer(trainer: Any, tokens: int, max_length: int, rows: int) -
     if pad_token_id is None:
         return None, "CUDA graphs: off (the collator is not trl's padding-free collator)"
     shape = StaticShape(tokens, segment_capacity(dataset["seq_lengths"], rows, tokens, max_length), max_length)
-    trainer.data_collator = StaticBatchCollator(trainer.data_collator, shape, pad_token_id)
+    # the training dataloader only: evaluation never replays, so padding its batches would only cost compute
+    trainer.train_collator = StaticBatchCollator(trainer.data_collator, shape, pad_token_id)
     base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     graphs = DecoderGraphs(base.model.layers, shape).install()
     return graphs, (f"CUDA graphs: decoder layers captured at the first step; micro-batches padded to {tokens} "

@@ -9,7 +9,7 @@ model"); the planner (``phi3tune train --dry-run``) and the fast path's checkpoi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,14 @@ def activation_bytes_per_token(checkpointing: str = "none", fused: bool = True, 
         kept = 1.0 - 1.0 / n
         return (ACT_BYTES_PER_TOKEN_FULL_CKPT + kept * (kept_all - ACT_BYTES_PER_TOKEN_FULL_CKPT)) * scale
     return kept_all * scale
+
+
+def checkpointing_of(training_args: Mapping[str, Any]) -> str:
+    """The checkpointing mode a user's explicit ``gradient_checkpointing`` keys select, in memory-model terms."""
+    if not training_args.get("gradient_checkpointing"):
+        return "none"
+    every_n = int((training_args.get("gradient_checkpointing_kwargs") or {}).get("every_n_layers", 1) or 1)
+    return "full" if every_n <= 1 else f"every_n:{every_n}"
 
 
 def cuda_graph_bytes(tokens: int, shape: ModelShape = PHI3_MINI) -> float:

@@ -13,18 +13,16 @@ The levers, each measured in docs/benchmarks.md:
   else all (trl's SFTConfig turns it on by default).
 * ``model.fast_path.compiled_layers``: Phi-3's residual add + RMSNorm, qkv split + RoPE and SwiGLU compiled on
   the fused projections (``phi3_layers.py``); Liger's kernels for the same three only where that is off.
-* ``model.fast_path.fused_lora``: each LoRA linear fused with its frozen base (``lora_fused.py``).
-* LoRA inputs stay bf16 under autocast (``peft_cast.py``); pinned, persistent dataloader workers.
+* ``model.fast_path.fused_lora``: each LoRA linear fused with its frozen base (``lora_fused.py``); LoRA inputs stay
+  bf16 under autocast (``peft_cast.py``); pinned, persistent dataloader workers.
 * ``model.fast_path.cuda_graphs`` (opt-in): the decoder layers replayed from CUDA graphs over batches padded to
   the token budget (``cuda_graphs.py``); off with FSDP2, QLoRA, checkpointing or unpacked data.
 * ``model.base_precision: fp8`` (opt-in, Hopper only: checked here): the memory model counts the converted base
   at 1 byte a parameter; the conversion itself runs after peft has wrapped the model (``fp8_base.py``).
 
-Under ``training_config.fsdp`` (FSDP2) the fused kernels (compiled layers, fused LoRA linears, Liger) are off:
-they were measured and tested on one GPU with whole weights, and FSDP2 hands them weights it all-gathers before
-each layer and frees after it; until a multi-GPU run has checked them against the plain path
-(tests/training/test_fsdp2.py), the plain PyTorch layers run. Packing, token-budget micro-batches and the varlen
-kernel work on the batch, not the weights, and stay on.
+Under ``training_config.fsdp`` (FSDP2) the fused kernels are off: they were tested on one GPU with whole weights,
+not on weights FSDP2 gathers and frees per layer (tests/training/test_fsdp2.py). Packing, token-budget micro-batches
+and the varlen kernel work on the batch and stay on.
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Mapping
 
 from phi3tune.config.schema import max_length_of
@@ -275,20 +274,25 @@ def plan_fast_path(
     elif not sharded:
         plan.notes.append("fast path: fused LoRA linears off")
 
-    # 4. Activation checkpointing: off when it fits, else every n-th layer, else all.
-    total = gpu_memory if gpu_memory is not None else (gpu_memory_bytes() or DEFAULT_GPU_MEMORY_BYTES)
-    plan.gpu_memory_bytes = total
+    # 4. Activation checkpointing: off when it fits, else every n-th layer, else all. Graphs (5.) need it off,
+    # so where they are asked for and could run, their static buffers come out of the budget first.
+    plan.gpu_memory_bytes = total = gpu_memory if gpu_memory is not None else (gpu_memory_bytes() or DEFAULT_GPU_MEMORY_BYTES)
     budget = QLORA_MEMORY_BUDGET if quantized else total * MEMORY_FRACTION
-    fused = compiled_layers and fused_lora
-    chosen = memory.least_recompute(plan.tokens_per_micro_batch, quantized=quantized, budget_bytes=budget,
-                                    fused=fused, shape=shape, fp8=fp8)
+    graphs_off = ("FSDP2 shards the weights" if sharded else "QLoRA's 4-bit kernels are not checked under capture"
+                  if quantized else "batches are not packed with bfd" if not packed else None)
+    graph_bytes = memory.cuda_graph_bytes(plan.tokens_per_micro_batch, shape) if graphs_asked and not graphs_off else 0
+    sizes = dict(quantized=quantized, fused=compiled_layers and fused_lora, shape=shape, fp8=fp8)
+    least = partial(memory.least_recompute, plan.tokens_per_micro_batch, **sizes)
+    chosen = least(budget_bytes=budget - graph_bytes)
+    if graph_bytes and chosen.checkpointing != "none" and "gradient_checkpointing" not in user:
+        graphs_off, graph_bytes = "the micro-batch fits only with activation checkpointing", 0
+        chosen = least(budget_bytes=budget)
     if "gradient_checkpointing" in user:
-        mode = _user_checkpointing(args)
+        mode = memory.checkpointing_of(args)
         if args["gradient_checkpointing"] and chosen.checkpointing != "full":
             plan.notes.append("fast path: keeping gradient_checkpointing=True from the config "
                               f"(the fast path would use {chosen.checkpointing!r}: recompute costs ~25% of the step)")
-        chosen = memory.estimate(plan.tokens_per_micro_batch, quantized=quantized, checkpointing=mode, fused=fused,
-                                 shape=shape, fp8=fp8)
+        chosen = memory.estimate(plan.tokens_per_micro_batch, checkpointing=mode, **sizes)
     else:
         mode = chosen.checkpointing
         args["gradient_checkpointing"] = mode != "none"
@@ -299,27 +303,23 @@ def plan_fast_path(
             args["gradient_checkpointing_kwargs"] = kwargs
         plan.notes.append(
             f"fast path: activation checkpointing {mode} ({plan.tokens_per_micro_batch} tokens a micro-batch, "
-            f"predicted peak {chosen.peak / 2**30:.1f} GiB of a {budget / 2**30:.1f} GiB budget)"
+            f"predicted peak {(chosen.peak + graph_bytes) / 2**30:.1f} GiB of a {budget / 2**30:.1f} GiB budget)"
         )
     plan.memory = chosen
 
-    # 5. CUDA graphs over the decoder layers (opt-in): fixed shapes, so only for packed token-budget batches.
-    # Measured on an H200 host whose CPU keeps up (docs/benchmarks.md "2026-12-02"): fp8 +0.8%, bf16 -3.5%; they
-    # pay only where the profile shows the GPU waiting on kernel launches.
+    # 5. CUDA graphs (opt-in): fixed shapes, so packed token-budget batches only. They pay only where the GPU waits
+    # on launches (docs/benchmarks.md "2026-12-02": fp8 +0.8%, bf16 -3.5% on an H200 whose CPU keeps up).
     if graphs_asked:
-        off = ("FSDP2 shards the weights" if sharded else "QLoRA's 4-bit kernels are not checked under capture"
-               if quantized else "batches are not packed with bfd" if not packed
-               else "activation checkpointing recomputes inside backward" if args.get("gradient_checkpointing")
-               else None)
+        off = graphs_off or ("activation checkpointing recomputes inside backward"
+                             if args.get("gradient_checkpointing") else None)
         if off:
             plan.notes.append(f"fast path: CUDA graphs off ({off})")
         else:
             plan.cuda_graphs = True
-            extra = memory.cuda_graph_bytes(plan.tokens_per_micro_batch, shape)
-            plan.memory = replace(chosen, fixed=chosen.fixed + extra)
+            plan.memory = replace(chosen, fixed=chosen.fixed + graph_bytes)
             plan.notes.append(f"fast path: decoder layers replayed from CUDA graphs, micro-batches padded to "
-                              f"{plan.tokens_per_micro_batch} tokens, +{extra / 2**30:.1f} GiB of static buffers "
-                              "(model.fast_path.cuda_graphs)")
+                              f"{plan.tokens_per_micro_batch} tokens, +{graph_bytes / 2**30:.1f} GiB of static "
+                              "buffers (model.fast_path.cuda_graphs)")
 
     # 6. Input pipeline: data are pre-tokenised; keep the GPU fed.
     choose("dataloader_pin_memory", True, "pinned host batches")
@@ -328,10 +328,3 @@ def plan_fast_path(
         choose("dataloader_persistent_workers", True, "workers survive epochs")
     return plan
 
-
-def _user_checkpointing(args: Mapping[str, Any]) -> str:
-    """The checkpointing mode a user's explicit ``gradient_checkpointing`` keys select, in memory-model terms."""
-    if not args.get("gradient_checkpointing"):
-        return "none"
-    every_n = int((args.get("gradient_checkpointing_kwargs") or {}).get("every_n_layers", 1) or 1)
-    return "full" if every_n <= 1 else f"every_n:{every_n}"

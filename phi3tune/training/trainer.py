@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from trl import SFTTrainer
 
-from phi3tune.fastpath.cuda_graphs import PADDING_KEY
+from phi3tune.fastpath.static_batches import PADDING_KEY
 from phi3tune.training import distributed, sharded
 from phi3tune.training.atomic import STAGING_PREFIX, atomic_write_text, publish_folder
 from phi3tune.training.checkpoints import complete_checkpoints, mark_complete
@@ -63,13 +63,27 @@ class Phi3Trainer(SFTTrainer):
             self._flops_parameter_count = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs[main_input].numel() * self._flops_parameter_count
 
+    # Set by CUDA graphs (fastpath/cuda_graphs.py): the collator of the training dataloader only.
+    train_collator = None
+
+    def get_train_dataloader(self):
+        if self.train_collator is None:
+            return super().get_train_dataloader()
+        shared, self.data_collator = self.data_collator, self.train_collator
+        try:
+            return super().get_train_dataloader()  # the DataLoader keeps the collator it was built with
+        finally:
+            self.data_collator = shared
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """trl's loss; pad tokens the CUDA-graph collator appended are kept out of the model and the token count."""
         padding = inputs.pop(PADDING_KEY, 0)
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         if padding and model.training:
-            self._total_train_tokens -= padding  # trl counted the padded row (one process: graphs' condition)
+            # trl counted the padded row, in its total and in the metric it logs (one process: graphs' condition)
+            self._total_train_tokens -= padding
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return result
 
     # ---- resume -------------------------------------------------------------------------------------------

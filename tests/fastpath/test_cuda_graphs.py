@@ -1,4 +1,4 @@
-"""CUDA graphs over the decoder layers (fastpath/cuda_graphs.py): the static-shape padding changes no loss, the
+"""CUDA graphs over the decoder layers (fastpath/cuda_graphs.py, static_batches.py): the static-shape padding changes no loss, the
 router runs the layers' own forwards wherever a graph does not apply, the policy turns graphs on only where they
 can work; on a GPU, graphed training follows eager training step for step, gradient accumulation included."""
 
@@ -13,7 +13,8 @@ from conftest import TINY_CONFIG, needs_hf_home
 from helpers import cli, tiny_phi3_config
 from phi3tune import fastpath
 from phi3tune.fastpath import attention, cuda_graphs, policy
-from phi3tune.fastpath.cuda_graphs import PADDING_KEY, DecoderGraphs, StaticShape, pad_batch, segment_capacity
+from phi3tune.fastpath.cuda_graphs import DecoderGraphs, _own_gradient
+from phi3tune.fastpath.static_batches import PADDING_KEY, StaticShape, pad_batch, segment_capacity
 
 PAD = 32000
 
@@ -119,15 +120,51 @@ def test_trainer_keeps_pad_tokens_out_of_the_model_and_the_token_count(monkeypat
     def trl_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         seen.update(inputs)
         self._total_train_tokens += inputs["position_ids"].size(1)  # what trl counts for a padding-free batch
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]  # and logs
         return torch.tensor(1.0)
 
     monkeypatch.setattr(SFTTrainer, "compute_loss", trl_compute_loss)
     trainer = object.__new__(Phi3Trainer)
-    trainer._total_train_tokens = 0
+    trainer._total_train_tokens, trainer._metrics = 0, {"train": {}}
     batch = pad_batch(_collate([[5, 9], [7]]), StaticShape(tokens=48, segments=8, max_length=16), PAD)
     Phi3Trainer.compute_loss(trainer, SimpleNamespace(training=True), batch)
     assert PADDING_KEY not in seen and seen["input_ids"].shape == (1, 48)
-    assert trainer._total_train_tokens == 21
+    assert trainer._total_train_tokens == 21 and trainer._metrics["train"]["num_tokens"] == [21]
+
+
+def test_only_the_training_dataloader_gets_the_padding_collator(monkeypatch) -> None:
+    from trl import SFTTrainer
+
+    from phi3tune.training.trainer import Phi3Trainer
+
+    monkeypatch.setattr(SFTTrainer, "get_train_dataloader", lambda self: self.data_collator)
+    trainer = object.__new__(Phi3Trainer)
+    trainer.data_collator, trainer.train_collator = "shared", "padding"
+    assert Phi3Trainer.get_train_dataloader(trainer) == "padding" and trainer.data_collator == "shared"
+    trainer.train_collator = None
+    assert Phi3Trainer.get_train_dataloader(trainer) == "shared"
+
+
+def test_gradient_hook_keeps_accumulation_off_the_graphs_buffer() -> None:
+    """A graph's backward returns its static buffer; autograd would keep it as ``.grad`` and the next replay
+    would overwrite it (the second micro-batch counted twice, the first lost)."""
+    static = torch.zeros(3)
+
+    class Replay(torch.autograd.Function):  # what make_graphed_callables' backward returns
+        @staticmethod
+        def forward(ctx, w):
+            return w.detach().clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            static.copy_(grad)
+            return static.detach()
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.register_hook(_own_gradient(param))
+    for k in (1.0, 2.0):  # two accumulation micro-batches
+        (Replay.apply(param) * k).sum().backward()
+    assert param.grad.tolist() == [3.0, 3.0, 3.0]  # without the hook: 4
 
 
 def _model_cfg(**switches):
@@ -165,6 +202,20 @@ def test_graphs_are_opt_in_and_their_buffers_are_in_the_memory_plan() -> None:
     assert on.memory.peak - default.memory.peak == 32 * 8192 * 3072 * 2  # a static input buffer a layer
 
 
+def test_graph_buffers_come_out_of_the_checkpointing_budget() -> None:
+    """On a card where the micro-batch fits without checkpointing only without the graphs' buffers, the plan
+    does not overrun its budget: graphs off (saying why) and checkpointing as without them."""
+    args = {"max_length": 2048, "bf16": True}
+    gib = next(g for g in range(40, 120) if not policy.plan_fast_path(
+        _model_cfg(), args, "cuda", gpu_memory=g * 2**30, env={}).args["gradient_checkpointing"])
+    plan = policy.plan_fast_path(_model_cfg(cuda_graphs=True), args, "cuda", gpu_memory=gib * 2**30, env={})
+    assert plan.memory.peak <= gib * 2**30 * policy.MEMORY_FRACTION
+    assert not plan.cuda_graphs and plan.args["gradient_checkpointing"] is False
+    assert any("CUDA graphs off (the micro-batch fits only with activation checkpointing" in n for n in plan.notes)
+    roomy = policy.plan_fast_path(_model_cfg(cuda_graphs=True), args, "cuda", gpu_memory=(gib + 4) * 2**30, env={})
+    assert roomy.cuda_graphs and roomy.memory.peak <= (gib + 4) * 2**30 * policy.MEMORY_FRACTION
+
+
 @needs_hf_home
 def test_dry_run_says_whether_graphs_will_run() -> None:
     def dry_run(*sets: str) -> str:
@@ -182,7 +233,8 @@ def test_dry_run_says_whether_graphs_will_run() -> None:
 # ------------------------------------------------------------------------------------------------------ GPU
 
 
-def _gpu_training(graphed: bool, steps: int = 6, accumulation: int = 2) -> tuple[list[float], DecoderGraphs | None]:
+def _gpu_training(graphed: bool, steps: int = 6, accumulation: int = 2) -> tuple[list[float], torch.Tensor,
+                                                                                  DecoderGraphs | None]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -198,7 +250,7 @@ def _gpu_training(graphed: bool, steps: int = 6, accumulation: int = 2) -> tuple
     graphs = DecoderGraphs(model.get_base_model().model.layers, shape).install() if graphed else None
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     g = torch.Generator().manual_seed(1)
-    losses = []
+    losses, first_grads = [], None
     for _ in range(steps):
         total = 0.0
         for _ in range(accumulation):
@@ -209,23 +261,29 @@ def _gpu_training(graphed: bool, steps: int = 6, accumulation: int = 2) -> tuple
                 loss = model(**batch, use_cache=False).loss / accumulation  # as trl calls it
             loss.backward()
             total += float(loss.detach())
+        if first_grads is None:  # the accumulated gradient of the first step, every LoRA tensor
+            first_grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total)
     if graphs is not None:
         graphs.release()
     fastpath.unpatch_all()
-    return losses, graphs
+    return losses, first_grads, graphs
 
 
 @needs_hf_home
 @pytest.mark.skipif(not attention.varlen_kernel_available("cuda"), reason="needs a CUDA GPU (sm80+) with torch varlen_attn")
 def test_gpu_graphed_training_follows_eager_training() -> None:  # pragma: no cover - GPU only
-    eager, _ = _gpu_training(graphed=False)
-    graphed, graphs = _gpu_training(graphed=True)
+    eager, eager_grads, _ = _gpu_training(graphed=False)
+    graphed, graphed_grads, graphs = _gpu_training(graphed=True)
     assert graphs.failure is None and graphs.replayed == 12 and graphs.eager == 0, graphs.summary()
     rel = [abs(a - b) / abs(b) for a, b in zip(graphed, eager)]
-    assert max(rel) < 0.01, (rel, graphed, eager)  # accumulation that doubled a micro-batch would be far off
+    assert max(rel) < 0.01, (rel, graphed, eager)
+    # The losses barely move in 6 steps; the accumulated gradient shows a micro-batch counted twice at once
+    # (g2 + g2 instead of g1 + g2: a relative difference of order 1).
+    grad_rel = float((graphed_grads - eager_grads).norm() / eager_grads.norm())
+    assert grad_rel < 0.05, grad_rel
 
 
 @needs_hf_home
