@@ -208,12 +208,15 @@ class DecoderGraphs:
             with context:
                 graphed = torch.cuda.make_graphed_callables(tuple(calls), tuple(samples), num_warmup_iters=3)
         except Phi3TuneError:
-            raise  # a second stop signal during the capture (TrainingInterrupted) stops the run as anywhere else
+            # phi3tune's own errors are not capture failures: a second stop signal during the capture
+            # (TrainingInterrupted) stops the run as anywhere else
+            raise
         except Exception as exc:  # noqa: BLE001 - any capture failure leaves training on the eager path
             self.failure = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             log.warning("CUDA graphs off for this run, the layers run eagerly: %s", self.failure)
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
             return False
         self.graphed, self._calls, self._statics = list(graphed), calls, statics
         self._input_grad = hidden.requires_grad

@@ -20,6 +20,8 @@ import torch
 
 # Batch key the collator adds: pad tokens it appended (the trainer pops it before the model sees the batch).
 PADDING_KEY = "phi3tune_padding_tokens"
+
+
 @dataclass(frozen=True)
 class StaticShape:
     """The one shape every graphed micro-batch has.

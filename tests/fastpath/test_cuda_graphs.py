@@ -230,6 +230,45 @@ def test_dry_run_says_whether_graphs_will_run() -> None:
     assert "CUDA graphs off (activation checkpointing" in out, out
 
 
+def test_graphs_respect_the_configs_own_checkpointing_choice() -> None:
+    args = {"max_length": 2048, "bf16": True}
+    gib = next(g for g in range(40, 120) if not policy.plan_fast_path(
+        _model_cfg(), args, "cuda", gpu_memory=g * 2**30, env={}).args["gradient_checkpointing"])
+    # checkpointing off by the user's choice on the tightest card: the graphs' buffers would overrun the budget
+    plan = policy.plan_fast_path(_model_cfg(cuda_graphs=True), {**args, "gradient_checkpointing": False}, "cuda",
+                                 gpu_memory=gib * 2**30, env={})
+    assert not plan.cuda_graphs and plan.memory.peak <= gib * 2**30 * policy.MEMORY_FRACTION
+    assert any("buffers exceed the" in n for n in plan.notes), plan.notes
+    # checkpointing on by the user's choice: graphs off, and their buffers do not shape the fast path's advice
+    on = policy.plan_fast_path(_model_cfg(cuda_graphs=True), {**args, "gradient_checkpointing": True}, "cuda",
+                               gpu_memory=gib * 2**30, env={})
+    assert not on.cuda_graphs and any("would use 'none'" in n for n in on.notes), on.notes
+
+
+def test_a_second_signal_during_capture_is_not_taken_for_a_failed_capture(monkeypatch) -> None:
+    from phi3tune.errors import TrainingInterrupted
+
+    layer = torch.nn.Linear(4, 4)
+    graphs = DecoderGraphs([layer], StaticShape(tokens=4, segments=1, max_length=4))
+    inputs = (torch.zeros(1, 4, 2), torch.zeros(1, 4, 2), torch.zeros(1, 4, dtype=torch.long),
+              torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
+
+    def interrupted(*_args, **_kwargs):
+        raise TrainingInterrupted("SIGINT again: stopped at once", exit_code=130)
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", interrupted)
+    with pytest.raises(TrainingInterrupted):
+        graphs._capture(torch.zeros(1, 4, 4), inputs)
+    assert graphs.failure is None
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", broken)
+    assert graphs._capture(torch.zeros(1, 4, 4), inputs) is False  # training goes on eagerly
+    assert graphs.failure == "capture failed: RuntimeError: operation not permitted when stream is capturing"
+
+
 # ------------------------------------------------------------------------------------------------------ GPU
 
 
