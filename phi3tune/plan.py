@@ -19,7 +19,7 @@ from phi3tune.config.paths import not_a_regular_file
 from phi3tune.config.schema import max_length_of
 from phi3tune.errors import DataError
 from phi3tune.fastpath import FastPathPlan, estimate, gpu_memory_bytes
-from phi3tune.fastpath.memory import ModelShape, shape_of
+from phi3tune.fastpath.memory import ModelShape, checkpointing_of, shape_of
 from phi3tune.model import loading
 from phi3tune.training.arguments import build_training_args
 
@@ -49,20 +49,13 @@ def _source(src: Any) -> str:
     return f"file {src.path}"
 
 
-def _checkpointing_of(args: dict[str, Any]) -> str:
-    if not args.get("gradient_checkpointing", True):  # trl's SFTConfig turns it on by default
-        return "none"
-    every_n = int((args.get("gradient_checkpointing_kwargs") or {}).get("every_n_layers", 1) or 1)
-    return "full" if every_n <= 1 else f"every_n:{every_n}"
-
-
 def memory_verdict(cfg: Any, plan: FastPathPlan, card_bytes: float, shape: ModelShape) -> MemoryVerdict:
     """Estimate the run's peak on a card of ``card_bytes`` and suggest changes when it does not fit."""
     args = plan.args
     quantized = bool(cfg.model.quantization)
     fp8 = cfg.model.base_precision == "fp8"
     tokens = plan.tokens_per_micro_batch or int(args.get("per_device_train_batch_size", 8)) * max_length_of(args)
-    mode = _checkpointing_of(args)
+    mode = checkpointing_of(args)
     fused = "lora_fused" in plan.patches and "phi3_layers" in plan.patches
     model_estimate = partial(estimate, fused=fused, shape=shape)
     found = plan.memory or model_estimate(tokens, quantized=quantized, checkpointing=mode, fp8=fp8)

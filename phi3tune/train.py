@@ -254,9 +254,8 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
     if setup.fast_path.cuda_graphs:
         from phi3tune.fastpath import cuda_graphs  # imported only where a GPU run plans them
 
-        graphs, line = cuda_graphs.install_for_trainer(
-            trainer, setup.fast_path.tokens_per_micro_batch, max_length_of(args),
-            int(args.get("per_device_train_batch_size", 1)))
+        graphs, line = cuda_graphs.install_for_trainer(trainer, int(args["per_device_train_batch_size"]),
+                                                       max_length_of(args))
         console.print(line, highlight=False)
     with graceful_stop() as stop:
         on_signal = StopOnSignalCallback(stop, console)

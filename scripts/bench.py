@@ -160,7 +160,9 @@ class Meter:
         if "attention_mask" in inputs and inputs["attention_mask"] is not None:
             self.tokens_micro += int(inputs["attention_mask"].sum())
         else:  # padding-free; the CUDA-graph collator says how many pad tokens it appended
-            self.tokens_micro += int(inputs["input_ids"].numel()) - int(inputs.get("phi3tune_padding_tokens", 0))
+            from phi3tune.fastpath.static_batches import PADDING_KEY
+
+            self.tokens_micro += int(inputs["input_ids"].numel()) - int(inputs.get(PADDING_KEY, 0))
         self.padded_micro += int(inputs["input_ids"].numel())
 
     def callback(self):

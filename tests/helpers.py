@@ -207,3 +207,18 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         time.sleep(0.2)
     raise AssertionError(f"step {step} not reached")
+
+
+def fast_path_model_cfg(attn: str = "auto", quantization: str | None = None, **switches):
+    """A ``model`` section as the fast-path policy reads it (switches unset unless given)."""
+    from types import SimpleNamespace
+
+    fast_path = SimpleNamespace(**{"fused_lora": None, "compiled_layers": None, **switches})
+    return SimpleNamespace(attn_implementation=attn, quantization=quantization, fast_path=fast_path)
+
+
+def fast_path_plan(model_cfg, args, device="cuda", gib=80.0, env=None):
+    """``plan_fast_path`` for a card of ``gib`` GiB, without the environment's benchmark overrides."""
+    from phi3tune.fastpath import policy
+
+    return policy.plan_fast_path(model_cfg, dict(args), device, gpu_memory=gib * 2**30, env=env or {})

@@ -88,7 +88,6 @@ class DecoderGraphs:
         self._autocast: tuple[bool, torch.dtype] | None = None
         self._active = False  # this forward pass replays (decided at layer 0)
         self._hooks: list[Any] = []
-        self._calls: list[_LayerCall] = []
         self._warned_eager = False
         self.last_eager_reason: str | None = None
 
@@ -106,7 +105,6 @@ class DecoderGraphs:
             hook.remove()
         self._hooks.clear()
         self.graphed = None
-        self._calls = []
         self._statics = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -129,7 +127,7 @@ class DecoderGraphs:
                 self._active = self._start(hidden_states, attention_mask, position_ids, past_key_values, use_cache,
                                            position_embeddings, kwargs)
             if self._active:
-                return self._replay(index, hidden_states)
+                return self.graphed[index](hidden_states, *self._statics)
             return type(layer).forward(layer, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                        past_key_values=past_key_values, use_cache=use_cache,
                                        position_embeddings=position_embeddings, **kwargs)
@@ -189,9 +187,6 @@ class DecoderGraphs:
         self.replayed += 1
         return True
 
-    def _replay(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self.graphed[index](hidden, *self._statics)
-
     # ---- capture ------------------------------------------------------------------------------------------------
 
     def _capture(self, hidden: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> bool:
@@ -218,7 +213,7 @@ class DecoderGraphs:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
             return False
-        self.graphed, self._calls, self._statics = list(graphed), calls, statics
+        self.graphed, self._statics = list(graphed), statics  # the calls themselves, their forwards replaced
         self._input_grad = hidden.requires_grad
         self._autocast = (autocast_on, dtype)
         for call in calls:
@@ -237,8 +232,9 @@ def _own_gradient(param: torch.Tensor):
     return hook
 
 
-def install_for_trainer(trainer: Any, tokens: int, max_length: int, rows: int) -> tuple[DecoderGraphs | None, str]:
-    """Pad ``trainer``'s batches to the static shape and route its decoder layers through graphs.
+def install_for_trainer(trainer: Any, rows: int, max_length: int) -> tuple[DecoderGraphs | None, str]:
+    """Pad ``trainer``'s training batches to ``rows`` packed rows of ``max_length`` tokens and route its decoder
+    layers through graphs.
 
     Returns the graphs (``None`` where they cannot apply) and a line for the console.
     """
@@ -254,6 +250,7 @@ def install_for_trainer(trainer: Any, tokens: int, max_length: int, rows: int) -
     pad_token_id = getattr(trainer.data_collator, "pad_token_id", None)
     if pad_token_id is None:
         return None, "CUDA graphs: off (the collator is not trl's padding-free collator)"
+    tokens = rows * max_length
     shape = StaticShape(tokens, segment_capacity(dataset["seq_lengths"], rows, tokens, max_length), max_length)
     # the training dataloader only: evaluation never replays, so padding its batches would only cost compute
     trainer.train_collator = StaticBatchCollator(trainer.data_collator, shape, pad_token_id)

@@ -84,8 +84,9 @@ def activation_bytes_per_token(checkpointing: str = "none", fused: bool = True, 
 
 
 def checkpointing_of(training_args: Mapping[str, Any]) -> str:
-    """The checkpointing mode a user's explicit ``gradient_checkpointing`` keys select, in memory-model terms."""
-    if not training_args.get("gradient_checkpointing"):
+    """The checkpointing mode the ``gradient_checkpointing`` keys select, in memory-model terms (unset: on, as in
+    trl's SFTConfig)."""
+    if not training_args.get("gradient_checkpointing", True):
         return "none"
     every_n = int((training_args.get("gradient_checkpointing_kwargs") or {}).get("every_n_layers", 1) or 1)
     return "full" if every_n <= 1 else f"every_n:{every_n}"

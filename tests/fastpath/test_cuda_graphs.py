@@ -11,6 +11,8 @@ import torch
 
 from conftest import TINY_CONFIG, needs_hf_home
 from helpers import cli, tiny_phi3_config
+from helpers import fast_path_model_cfg as _model_cfg
+from helpers import fast_path_plan as _plan
 from phi3tune import fastpath
 from phi3tune.fastpath import attention, cuda_graphs, policy
 from phi3tune.fastpath.cuda_graphs import DecoderGraphs, _own_gradient
@@ -167,9 +169,9 @@ def test_gradient_hook_keeps_accumulation_off_the_graphs_buffer() -> None:
     assert param.grad.tolist() == [3.0, 3.0, 3.0]  # without the hook: 4
 
 
-def _model_cfg(**switches):
-    return SimpleNamespace(attn_implementation="auto", quantization=None,
-                           fast_path=SimpleNamespace(fused_lora=None, compiled_layers=None, **switches))
+def _tightest_card(args: dict) -> int:
+    """The smallest card (GiB) on which the fast path trains ``args`` without activation checkpointing."""
+    return next(g for g in range(40, 120) if not _plan(_model_cfg(), args, gib=g).args["gradient_checkpointing"])
 
 
 @pytest.mark.parametrize("args, model, why", [
@@ -183,8 +185,7 @@ def test_policy_plans_graphs_only_where_they_can_work(args: dict, model: dict, w
     model_cfg = _model_cfg(cuda_graphs=True)
     for key, value in model.items():
         setattr(model_cfg, key, value)
-    plan = policy.plan_fast_path(model_cfg, {"max_length": 2048, "bf16": True, **args}, "cuda", gpu_memory=80 * 2**30,
-                                 env={})
+    plan = _plan(model_cfg, {"max_length": 2048, "bf16": True, **args})
     assert plan.cuda_graphs is (why is None)
     notes = [line for line in plan.notes if "CUDA graphs" in line]
     assert len(notes) == 1, plan.notes
@@ -193,12 +194,11 @@ def test_policy_plans_graphs_only_where_they_can_work(args: dict, model: dict, w
 
 def test_graphs_are_opt_in_and_their_buffers_are_in_the_memory_plan() -> None:
     args = {"max_length": 2048, "bf16": True}
-    default = policy.plan_fast_path(_model_cfg(), args, "cuda", gpu_memory=80 * 2**30, env={})
+    default = _plan(_model_cfg(), args)
     assert not default.cuda_graphs and not any("CUDA graphs" in line for line in default.notes)
-    assert not policy.plan_fast_path(_model_cfg(), args, "cpu", env={}).cuda_graphs
-    on = policy.plan_fast_path(_model_cfg(cuda_graphs=True), args, "cuda", gpu_memory=80 * 2**30, env={})
-    assert on.cuda_graphs and policy.plan_fast_path(_model_cfg(), args, "cuda", gpu_memory=80 * 2**30,
-                                                    env={policy.CUDA_GRAPHS_ENV: "1"}).cuda_graphs
+    assert not _plan(_model_cfg(), args, "cpu").cuda_graphs
+    on = _plan(_model_cfg(cuda_graphs=True), args)
+    assert on.cuda_graphs and _plan(_model_cfg(), args, env={policy.CUDA_GRAPHS_ENV: "1"}).cuda_graphs
     assert on.memory.peak - default.memory.peak == 32 * 8192 * 3072 * 2  # a static input buffer a layer
 
 
@@ -206,13 +206,12 @@ def test_graph_buffers_come_out_of_the_checkpointing_budget() -> None:
     """On a card where the micro-batch fits without checkpointing only without the graphs' buffers, the plan
     does not overrun its budget: graphs off (saying why) and checkpointing as without them."""
     args = {"max_length": 2048, "bf16": True}
-    gib = next(g for g in range(40, 120) if not policy.plan_fast_path(
-        _model_cfg(), args, "cuda", gpu_memory=g * 2**30, env={}).args["gradient_checkpointing"])
-    plan = policy.plan_fast_path(_model_cfg(cuda_graphs=True), args, "cuda", gpu_memory=gib * 2**30, env={})
+    gib = _tightest_card(args)
+    plan = _plan(_model_cfg(cuda_graphs=True), args, gib=gib)
     assert plan.memory.peak <= gib * 2**30 * policy.MEMORY_FRACTION
     assert not plan.cuda_graphs and plan.args["gradient_checkpointing"] is False
     assert any("CUDA graphs off (the micro-batch fits only with activation checkpointing" in n for n in plan.notes)
-    roomy = policy.plan_fast_path(_model_cfg(cuda_graphs=True), args, "cuda", gpu_memory=(gib + 4) * 2**30, env={})
+    roomy = _plan(_model_cfg(cuda_graphs=True), args, gib=gib + 4)
     assert roomy.cuda_graphs and roomy.memory.peak <= (gib + 4) * 2**30 * policy.MEMORY_FRACTION
 
 
@@ -232,16 +231,13 @@ def test_dry_run_says_whether_graphs_will_run() -> None:
 
 def test_graphs_respect_the_configs_own_checkpointing_choice() -> None:
     args = {"max_length": 2048, "bf16": True}
-    gib = next(g for g in range(40, 120) if not policy.plan_fast_path(
-        _model_cfg(), args, "cuda", gpu_memory=g * 2**30, env={}).args["gradient_checkpointing"])
+    gib = _tightest_card(args)
     # checkpointing off by the user's choice on the tightest card: the graphs' buffers would overrun the budget
-    plan = policy.plan_fast_path(_model_cfg(cuda_graphs=True), {**args, "gradient_checkpointing": False}, "cuda",
-                                 gpu_memory=gib * 2**30, env={})
+    plan = _plan(_model_cfg(cuda_graphs=True), {**args, "gradient_checkpointing": False}, gib=gib)
     assert not plan.cuda_graphs and plan.memory.peak <= gib * 2**30 * policy.MEMORY_FRACTION
     assert any("buffers exceed the" in n for n in plan.notes), plan.notes
     # checkpointing on by the user's choice: graphs off, and their buffers do not shape the fast path's advice
-    on = policy.plan_fast_path(_model_cfg(cuda_graphs=True), {**args, "gradient_checkpointing": True}, "cuda",
-                               gpu_memory=gib * 2**30, env={})
+    on = _plan(_model_cfg(cuda_graphs=True), {**args, "gradient_checkpointing": True}, gib=gib)
     assert not on.cuda_graphs and any("would use 'none'" in n for n in on.notes), on.notes
 
 

@@ -3,23 +3,14 @@ the memory model predicts the measured peaks; --dry-run prints the plan and whet
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
+from helpers import fast_path_model_cfg as _model_cfg
+from helpers import fast_path_plan as _plan
 from phi3tune import fastpath
 from phi3tune.fastpath import attention, lora_fused, memory, peft_cast, phi3_layers, policy
 
 GIB = 2**30
-
-
-def _model_cfg(attn: str = "auto", quantization: str | None = None, **switches):
-    fast_path = SimpleNamespace(**{"fused_lora": None, "compiled_layers": None, **switches})
-    return SimpleNamespace(attn_implementation=attn, quantization=quantization, fast_path=fast_path)
-
-
-def _plan(model_cfg, args, device="cuda", gib=80.0, env=None):
-    return policy.plan_fast_path(model_cfg, dict(args), device, gpu_memory=gib * GIB, env=env or {})
 
 
 def test_auto_is_sdpa_on_cpu_and_explicit_values_are_kept() -> None:
