@@ -13,6 +13,8 @@ Rows (each in a fresh subprocess, same data, same random base weights):
   lora-plain   the LoRA recipe with model.fast_path.fused_lora/compiled_layers off (same call A/B)
   lora-fp8     the LoRA recipe with model.base_precision=fp8 (e4m3 base linears, FP8 GEMMs; Hopper only);
                prof-lora-fp8 profiles it. GEMM microbenchmark and bf16/fp8 loss parity: scripts/bench_fp8.py
+  lora-syncs   the LoRA recipe with the per-step host syncs phi3tune avoids put back (same call A/B)
+  lora-eagerload  the LoRA recipe with CUDA_MODULE_LOADING=EAGER (no kernel loaded at its first use mid-run)
   mem-*        the LoRA recipe with other checkpointing / micro-batches, to check the memory model
   prof-lora    the LoRA recipe under torch.profiler for two steps: top kernels, CPU ops, the GPU's idle gaps
   gen-lora     `phi3tune eval RUN --generate --compare-base --max-new-tokens 256` on 200 eval chats (issue 13):
@@ -72,6 +74,11 @@ ROWS: dict[str, dict] = {
     "prof-lora-fp8-graphs": dict(via="recipe", config=_LORA, profile=True,
                                  sets=["model.base_precision=fp8", "model.fast_path={cuda_graphs: true}"]),
     "prof-lora-fp8": dict(via="recipe", config=_LORA, profile=True, sets=["model.base_precision=fp8"]),
+    # the LoRA recipe with the host syncs a step that phi3tune now avoids put back (transformers' NaN filter,
+    # blocking batch copies), and with every CUDA kernel loaded at start-up instead of at its first use
+    "lora-syncs": dict(via="recipe", config=_LORA, sets=["training_config.logging_nan_inf_filter=true",
+                                                         "training_config.accelerator_config={non_blocking: false}"]),
+    "lora-eagerload": dict(via="recipe", config=_LORA, env={"CUDA_MODULE_LOADING": "EAGER"}),
 }
 _GEN = dict(via="generate", samples=200, max_new_tokens=256)
 ROWS.update({
@@ -148,22 +155,55 @@ def build_base(out_dir: Path, tiny: bool, device: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- measurement
 class Meter:
-    """Per-optimizer-step wall time (synchronised), real tokens and loss."""
+    """Per-optimizer-step time, real tokens and loss, without making the CPU wait for the GPU.
+
+    A sync at every step would itself idle the GPU at each step boundary (the recipe keeps its CPU a step
+    ahead: training/finite_watch.py), so the steps are timed with CUDA events on the GPU's own timeline and read
+    after the run; the token counts stay on the device until then. One sync when the first step begins.
+    """
 
     def __init__(self):
         self.tokens_micro = 0
         self.padded_micro = 0
         self.steps: list[dict] = []
-        self._t = None
+        self._start = None
 
     def count(self, inputs):
         if "attention_mask" in inputs and inputs["attention_mask"] is not None:
-            self.tokens_micro += int(inputs["attention_mask"].sum())
+            self.tokens_micro += inputs["attention_mask"].sum()  # a tensor: summed on the device
         else:  # padding-free; the CUDA-graph collator says how many pad tokens it appended
             from phi3tune.fastpath.static_batches import PADDING_KEY
 
             self.tokens_micro += int(inputs["input_ids"].numel()) - int(inputs.get(PADDING_KEY, 0))
         self.padded_micro += int(inputs["input_ids"].numel())
+
+    @staticmethod
+    def _mark():
+        import torch
+
+        if not torch.cuda.is_available():
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def resolve(self) -> None:
+        """Turn the steps' marks into seconds and their token tensors into ints (one sync, after the run)."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        previous = self._start
+        for step in self.steps:
+            mark = step.pop("mark", None)
+            if mark is None:
+                continue
+            if isinstance(mark, float):
+                step["seconds"] = mark - previous
+            else:
+                step["seconds"] = previous.elapsed_time(mark) / 1e3
+            previous = mark
+            step["tokens"] = int(step["tokens"])
 
     def callback(self):
         import torch
@@ -173,19 +213,15 @@ class Meter:
 
         class _CB(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                if meter._t is None:
+                if meter._start is None:
                     if torch.cuda.is_available():
                         torch.cuda.synchronize()
-                    meter._t = time.perf_counter()
+                    meter._start = meter._mark()
 
             def on_step_end(self, args, state, control, **kw):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                meter.steps.append({"step": state.global_step, "seconds": now - meter._t,
+                meter.steps.append({"step": state.global_step, "mark": meter._mark(),
                                     "tokens": meter.tokens_micro, "padded": meter.padded_micro})  # fmt: skip
                 meter.tokens_micro = meter.padded_micro = 0
-                meter._t = now
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs and meter.steps:
@@ -303,6 +339,7 @@ def instrument(trainer_cls, meter: Meter, extra_callbacks: list | None = None) -
 
 
 def summarise(meter: Meter, warmup: int) -> dict:
+    meter.resolve()
     # Warm-up steps and the final step are left out: the last optimizer step also carries the recipe's
     # end-of-training work (final checkpoint, metrics flush), which is not throughput.
     steady = meter.steps[warmup:-1] if len(meter.steps) > warmup + 1 else meter.steps[warmup:]
@@ -484,7 +521,8 @@ def launch_row(spec: dict, ctx: dict, out: Path, timeout: int, script: str = __f
         log.flush()
         try:
             rc = subprocess.run([sys.executable, script, "_row", "--spec", json.dumps([spec, ctx]), *extra],
-                                stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+                                stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+                                env={**os.environ, **spec.get("env", {})}).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     return (json.loads(result.read_text()) if result.is_file() else None), rc

@@ -62,6 +62,15 @@ def build_training_args(cfg: Any, output_dir: Path | None, device: str, dtype: A
     args.setdefault("logging_steps", 10)
     if device == "cpu":
         args["dataloader_pin_memory"] = False
+    # Nothing in a step may wait on the GPU, or it idles through the step's boundary while the CPU runs the
+    # optimizer, callbacks and the next batch (training/finite_watch.py). transformers' NaN filter reads every
+    # micro-batch's loss on the host, and phi3tune's guard stops the run at a non-finite loss anyway.
+    args.setdefault("logging_nan_inf_filter", False)
+    if device == "cuda":
+        accelerator_config = args.get("accelerator_config") or {}
+        if isinstance(accelerator_config, dict):  # (a path to a JSON file is the user's whole choice)
+            # a blocking copy of the batch waits too
+            args["accelerator_config"] = {"non_blocking": True, **accelerator_config}
     # The data arrive tokenised with labels (input_ids + labels), so trl only truncates/packs them.
     args.pop("assistant_only_loss", None)
     args.pop("dataset_text_field", None)

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -26,6 +25,7 @@ from phi3tune.fastpath.static_batches import PADDING_KEY
 from phi3tune.training import distributed, sharded
 from phi3tune.training.atomic import STAGING_PREFIX, atomic_write_text, publish_folder
 from phi3tune.training.checkpoints import complete_checkpoints, mark_complete
+from phi3tune.training.finite_watch import FiniteWatch
 from phi3tune.errors import NonFiniteLossError
 from phi3tune.training.resources import nonfinite_hints
 from phi3tune.training.safe_state import has_state, load_state, save_state
@@ -46,7 +46,6 @@ class Phi3Trainer(SFTTrainer):
     format is not rewritten: that path falls back to transformers' own files.
     """
 
-    _nonfinite_loss_step: int | None = None
     _flops_parameter_count: int | None = None
 
     def floating_point_ops(self, inputs) -> int:
@@ -94,7 +93,9 @@ class Phi3Trainer(SFTTrainer):
             run_state = Path(resume_from_checkpoint) / RUN_STATE_FILE
             if run_state.is_file():
                 self._total_train_tokens = int(json.loads(run_state.read_text())["total_train_tokens"])
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self._raise_if_nonfinite(wait=True)  # a last step's verdict that no save or log waited for
+        return result
 
     def _run_epoch(self, *args, **kwargs):
         # max_steps is a hard stop. transformers only checks it after a step, and a run resumed at (or past) its
@@ -106,31 +107,34 @@ class Phi3Trainer(SFTTrainer):
 
     # ---- non-finite guard ---------------------------------------------------------------------------------
 
+    _finite: FiniteWatch | None = None
+
+    @property
+    def finite_watch(self) -> FiniteWatch:
+        if self._finite is None:
+            self._finite = FiniteWatch()
+        return self._finite
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # The stock loop already syncs on this value (logging_nan_inf_filter), so checking it here is free;
-        # that filter would otherwise hide a NaN behind the running average.
-        if self._nonfinite_loss_step is None and not bool(torch.isfinite(loss).all()):
-            self._nonfinite_loss_step = self.state.global_step + 1
+        self.finite_watch.add_loss(loss)  # read back later, without stalling the GPU (training.finite_watch)
         return loss
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, *args, **kwargs) -> None:
-        # Called after every optimizer step, before logging and saving: the earliest point to stop cleanly.
-        self._raise_if_nonfinite(grad_norm)
+        # Called after every optimizer step (and again at an epoch's end), before logging and saving: the
+        # earliest point to stop cleanly. A verdict is waited for only where something is about to be written.
+        watch, control = self.finite_watch, self.control
+        if watch.last_step != self.state.global_step:
+            watch.end_step(self.state.global_step, grad_norm, self.accelerator.optimizer_step_was_skipped)
+        writes = control.should_log or control.should_save or control.should_evaluate
+        self._raise_if_nonfinite(wait=writes or control.should_training_stop)
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
 
-    def _raise_if_nonfinite(self, grad_norm) -> None:
-        what = None
-        if self._nonfinite_loss_step is not None:
-            what, step = "the training loss", self._nonfinite_loss_step
-        elif grad_norm is not None and not math.isfinite(float(grad_norm)):
-            # fp16's grad scaler skips overflowing steps on purpose and lowers its scale: not a divergence.
-            if self.accelerator.optimizer_step_was_skipped:
-                return
-            what, step = f"the gradient norm ({float(grad_norm)})", self.state.global_step
-        if what is None:
-            return
-        raise self._nonfinite_error(f"{what} became non-finite at step {step}")
+    def _raise_if_nonfinite(self, *, wait: bool) -> None:
+        problem = self.finite_watch.first_problem(wait=wait)
+        if problem is not None:
+            what, step = problem
+            raise self._nonfinite_error(f"{what} became non-finite at step {step}")
 
     def _nonfinite_error(self, what: str) -> NonFiniteLossError:
         hints = nonfinite_hints(self.args)
