@@ -74,6 +74,7 @@ ROWS: dict[str, dict] = {
     "prof-lora-fp8-graphs": dict(via="recipe", config=_LORA, profile=True,
                                  sets=["model.base_precision=fp8", "model.fast_path={cuda_graphs: true}"]),
     "prof-lora-fp8": dict(via="recipe", config=_LORA, profile=True, sets=["model.base_precision=fp8"]),
+    "prof-lora-graphs": dict(via="recipe", config=_LORA, profile=True, sets=["model.fast_path={cuda_graphs: true}"]),
     # the LoRA recipe with the host syncs a step that phi3tune now avoids put back (transformers' NaN filter,
     # blocking batch copies), and with every CUDA kernel loaded at start-up instead of at its first use
     "lora-syncs": dict(via="recipe", config=_LORA, sets=["training_config.logging_nan_inf_filter=true",
