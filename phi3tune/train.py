@@ -40,7 +40,7 @@ from phi3tune.training.arguments import build_training_args
 from phi3tune.training.callbacks import MetricsFileCallback, ProgressCallback, TrainBeganCallback
 from phi3tune.data.prepare import prepare_datasets
 from phi3tune.training.checkpoints import latest_complete_checkpoint, read_previous_run_config, resume_changes
-from phi3tune.training import device_metrics, distributed
+from phi3tune.training import distributed
 from phi3tune.training.layout import ADAPTER_DIR, BASE_MODEL_DIR, CHECKPOINTS_DIR, METRICS, RUN_CONFIG
 from phi3tune.training.resume import ResumePlan, plan_resume
 from phi3tune.training.run_folder import StagedRunFolder, check_output_dir, leftover_old_runs, write_marker
@@ -250,8 +250,6 @@ def _train(cfg, output_dir: Path, plan: ResumePlan | None, staged: StagedRunFold
         console.print(convert_lora_bases(trainer.model).summary(), highlight=False)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     console.print(f"trainable LoRA parameters: {trainable:,}")
-    if setup.fast_path.enabled and setup.device == "cuda":
-        device_metrics.score_every_position()  # no host read in trl's fused LM head (training/device_metrics.py)
     graphs = None
     if setup.fast_path.cuda_graphs:
         from phi3tune.fastpath import cuda_graphs  # imported only where a GPU run plans them

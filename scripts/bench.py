@@ -13,8 +13,7 @@ Rows (each in a fresh subprocess, same data, same random base weights):
   lora-plain   the LoRA recipe with model.fast_path.fused_lora/compiled_layers off (same call A/B)
   lora-fp8     the LoRA recipe with model.base_precision=fp8 (e4m3 base linears, FP8 GEMMs; Hopper only);
                prof-lora-fp8 profiles it. GEMM microbenchmark and bf16/fp8 loss parity: scripts/bench_fp8.py
-  lora-syncs   the LoRA recipe with the per-step host syncs phi3tune avoids put back (same call A/B);
-               lora-loss-syncs only those of trl's loss path (training/device_metrics.py)
+  lora-syncs   the LoRA recipe with the per-step host syncs phi3tune avoids put back (same call A/B)
   lora-eagerload  the LoRA recipe with CUDA_MODULE_LOADING=EAGER (no kernel loaded at its first use mid-run)
   mem-*        the LoRA recipe with other checkpointing / micro-batches, to check the memory model
   prof-lora    the LoRA recipe under torch.profiler for two steps: top kernels, CPU ops, the GPU's idle gaps
@@ -78,12 +77,8 @@ ROWS: dict[str, dict] = {
     "prof-lora-graphs": dict(via="recipe", config=_LORA, profile=True, sets=["model.fast_path={cuda_graphs: true}"]),
     # the LoRA recipe with the host syncs a step that phi3tune now avoids put back (transformers' NaN filter,
     # blocking batch copies), and with every CUDA kernel loaded at start-up instead of at its first use
-    "lora-syncs": dict(via="recipe", config=_LORA, env={"PHI3TUNE_HOST_SYNCS": "1"},
-                       sets=["training_config.logging_nan_inf_filter=true",
-                             "training_config.accelerator_config={non_blocking: false}"]),
-    "lora-loss-syncs": dict(via="recipe", config=_LORA, env={"PHI3TUNE_HOST_SYNCS": "1"}),  # trl's loss path only
-    "lora-fp8-graphs-loss-syncs": dict(via="recipe", config=_LORA, env={"PHI3TUNE_HOST_SYNCS": "1"},
-                                       sets=["model.base_precision=fp8", "model.fast_path={cuda_graphs: true}"]),
+    "lora-syncs": dict(via="recipe", config=_LORA, sets=["training_config.logging_nan_inf_filter=true",
+                                                         "training_config.accelerator_config={non_blocking: false}"]),
     "lora-eagerload": dict(via="recipe", config=_LORA, env={"CUDA_MODULE_LOADING": "EAGER"}),
 }
 _GEN = dict(via="generate", samples=200, max_new_tokens=256)

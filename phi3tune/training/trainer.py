@@ -22,7 +22,7 @@ import torch
 from trl import SFTTrainer
 
 from phi3tune.fastpath.static_batches import PADDING_KEY
-from phi3tune.training import device_metrics, distributed, sharded
+from phi3tune.training import distributed, sharded
 from phi3tune.training.atomic import STAGING_PREFIX, atomic_write_text, publish_folder
 from phi3tune.training.checkpoints import complete_checkpoints, mark_complete
 from phi3tune.training.finite_watch import FiniteWatch
@@ -75,13 +75,8 @@ class Phi3Trainer(SFTTrainer):
             self.data_collator = shared
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """trl's loss; pad tokens the CUDA-graph collator appended are kept out of the model and the token count.
-
-        One process's padding-free training batches take ``device_metrics`` (the same loss, no host read).
-        """
+        """trl's loss; pad tokens the CUDA-graph collator appended are kept out of the model and the token count."""
         padding = inputs.pop(PADDING_KEY, 0)
-        if device_metrics.applies(self, model, inputs, return_outputs):
-            return device_metrics.compute_loss(self, model, inputs, num_items_in_batch, padding)
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         if padding and model.training:
@@ -89,11 +84,6 @@ class Phi3Trainer(SFTTrainer):
             self._total_train_tokens -= padding
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return result
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        for metrics in self._metrics.values():
-            device_metrics.metrics_to_floats(metrics)  # kept on the device between logs (device_metrics.py)
-        super().log(logs, start_time)
 
     # ---- resume -------------------------------------------------------------------------------------------
 
