@@ -4,8 +4,9 @@ Reading a loss on the host (``bool(torch.isfinite(loss))``, ``float(grad_norm)``
 before it. The CPU then does the step boundary's Python (clipping, optimizer, callbacks, the next batch) while
 the GPU sits idle: with transformers' own per-micro-batch check, ~15 ms a step on an H200 (docs/benchmarks.md,
 "2026-12-02" profiles). So each optimizer step's verdict is reduced on the device, copied to pinned host memory
-behind a CUDA event, and read once that event has passed. It is read at the latest one step later (the CPU runs
-at most one step ahead), and at once before anything is logged or saved.
+behind a CUDA event, and read one step later (the CPU runs at most one step ahead), or at once before anything is
+logged or saved. Under several processes the loss verdict is reduced over the ranks on the device first, so every
+rank stops at the same step.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class FiniteWatch:
         norm = grad_norm.detach().float().reshape(()) if torch.is_tensor(grad_norm) else torch.tensor(float(grad_norm))
         device = loss_ok.device if loss_ok.is_cuda else norm.device
         packed = torch.stack([loss_ok.to(device, torch.float32), norm.to(device)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank must stop at the same step: a loss is per rank (the norm is already global)
+            torch.distributed.all_reduce(packed[:1], op=torch.distributed.ReduceOp.MIN)
         if packed.is_cuda:
             host = torch.empty(2, dtype=torch.float32, pin_memory=True)
             host.copy_(packed, non_blocking=True)
@@ -60,14 +64,13 @@ class FiniteWatch:
     def first_problem(self, *, wait: bool) -> tuple[str, int] | None:
         """``(what, step)`` of the earliest non-finite verdict, or None.
 
-        ``wait=False`` reads every verdict but the newest (whose kernels may still be running) and any whose copy
-        has already landed; ``wait=True`` waits for all of them.
+        ``wait=False`` reads every verdict but the newest (whose kernels may still be running), ``wait=True`` all of
+        them. Which are read never depends on the GPU's progress, so every rank stops at the same step.
         """
         while self._pending:
             verdict = self._pending[0]
-            newest = len(self._pending) == 1
             if verdict.ready is not None:
-                if newest and not wait and not verdict.ready.query():
+                if len(self._pending) == 1 and not wait:
                     return None
                 verdict.ready.synchronize()
             self._pending.pop(0)

@@ -63,7 +63,9 @@ def test_the_newest_verdict_is_waited_for_only_when_asked() -> None:
     landed = FiniteWatch()
     _step(landed, 7, grad_norm=float("nan"))
     landed._pending[-1].ready = _Event(done=True)
-    assert landed.first_problem(wait=False) == ("the gradient norm (nan)", 7)
+    # even a landed copy waits for the next step: when it lands differs between ranks, the step read must not
+    assert landed.first_problem(wait=False) is None
+    assert landed.first_problem(wait=True) == ("the gradient norm (nan)", 7)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the verdict's pinned copy and event)")
@@ -95,3 +97,24 @@ def test_training_arguments_wait_on_nothing_a_step() -> None:
     cfg.training_config["accelerator_config"] = {"non_blocking": False}
     args = build_training_args(cfg, None, "cuda", torch.bfloat16, gpu_memory=80 * 2**30).args
     assert args["accelerator_config"] == {"non_blocking": False}  # the user's choice stands
+
+
+def _rank(rank: int, init_file: str, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        watch = FiniteWatch()
+        _step(watch, 1)
+        _step(watch, 2, losses=(float("nan"),) if rank == 1 else (1.0,))  # only rank 1's loss is bad
+        _step(watch, 3)
+        results[rank] = watch.first_problem(wait=True)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_stops_at_the_step_any_rank_saw_a_nonfinite_loss(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank, args=(str(tmp_path / "init"), results), nprocs=2)
+        assert dict(results) == {0: ("the training loss", 2), 1: ("the training loss", 2)}
