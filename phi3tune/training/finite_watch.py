@@ -44,6 +44,8 @@ class FiniteWatch:
         loss_ok = self._loss_ok if self._loss_ok is not None else torch.tensor(True)
         if grad_norm is None:
             grad_norm = 0.0
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()  # FSDP2's norm is a DTensor; a plain pinned copy refuses it
         norm = grad_norm.detach().float().reshape(()) if torch.is_tensor(grad_norm) else torch.tensor(float(grad_norm))
         device = loss_ok.device if loss_ok.is_cuda else norm.device
         packed = torch.stack([loss_ok.to(device, torch.float32), norm.to(device)])

@@ -107,6 +107,12 @@ def _rank(rank: int, init_file: str, results) -> None:
         _step(watch, 2, losses=(float("nan"),) if rank == 1 else (1.0,))  # only rank 1's loss is bad
         _step(watch, 3)
         results[rank] = watch.first_problem(wait=True)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (2,))  # FSDP2 hands the gradient norm over as a DTensor
+        watch.end_step(4, distribute_tensor(torch.tensor(float("inf")), mesh, [Replicate()]))
+        results[rank + 2] = watch.first_problem(wait=True)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -117,4 +123,5 @@ def test_every_rank_stops_at_the_step_any_rank_saw_a_nonfinite_loss(tmp_path) ->
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_rank, args=(str(tmp_path / "init"), results), nprocs=2)
-        assert dict(results) == {0: ("the training loss", 2), 1: ("the training loss", 2)}
+        assert dict(results) == {0: ("the training loss", 2), 1: ("the training loss", 2),
+                                 2: ("the gradient norm (inf)", 4), 3: ("the gradient norm (inf)", 4)}
