@@ -196,9 +196,7 @@ class Meter:
             torch.cuda.synchronize()
         previous = self._start
         for step in self.steps:
-            mark = step.pop("mark", None)
-            if mark is None:
-                continue
+            mark = step.pop("mark")
             if isinstance(mark, float):
                 step["seconds"] = mark - previous
             else:

@@ -93,7 +93,7 @@ class Phi3Trainer(SFTTrainer):
             run_state = Path(resume_from_checkpoint) / RUN_STATE_FILE
             if run_state.is_file():
                 self._total_train_tokens = int(json.loads(run_state.read_text())["total_train_tokens"])
-        self._finite = FiniteWatch()  # nothing left over from an earlier train() on this trainer
+        self.finite_watch = FiniteWatch()  # nothing left over from an earlier train() on this trainer
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         self._raise_if_nonfinite(wait=True)  # a last step's verdict that no save or log waited for
         return result
@@ -108,13 +108,7 @@ class Phi3Trainer(SFTTrainer):
 
     # ---- non-finite guard ---------------------------------------------------------------------------------
 
-    _finite: FiniteWatch | None = None
-
-    @property
-    def finite_watch(self) -> FiniteWatch:
-        if self._finite is None:
-            self._finite = FiniteWatch()
-        return self._finite
+    finite_watch: FiniteWatch  # set by train(): a fresh one each call
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
