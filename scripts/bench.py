@@ -66,6 +66,8 @@ ROWS: dict[str, dict] = {
         "training_config.gradient_checkpointing_kwargs={use_reentrant: false, every_n_layers: 2}"]),
     "mem-lora-rows2": dict(via="recipe", config=_LORA, sets=["training_config.per_device_train_batch_size=2"]),
     "prof-lora": dict(via="recipe", config=_LORA, profile=True),
+    # the same under a profiler that records Python stacks: which source line launches each kernel
+    "prof-lora-stacks": dict(via="recipe", config=_LORA, profile="stacks"),
     "lora-fp8": dict(via="recipe", config=_LORA, sets=["model.base_precision=fp8"]),
     # the same recipes with CUDA graphs over the decoder layers (model.fast_path.cuda_graphs, opt-in)
     "lora-graphs": dict(via="recipe", config=_LORA, sets=["model.fast_path={cuda_graphs: true}"]),
@@ -229,8 +231,9 @@ class Meter:
         return _CB()
 
 
-def profiler_callback(path: Path, start: int, steps: int):
-    """torch.profiler over `steps` optimizer steps after step `start`: top kernels and GPU busy time."""
+def profiler_callback(path: Path, start: int, steps: int, stacks: bool = False):
+    """torch.profiler over `steps` optimizer steps after step `start`: top kernels and GPU busy time; with
+    `stacks`, also the device time of each op grouped by the Python lines that called it (slower to record)."""
     import torch
     from transformers import TrainerCallback
 
@@ -243,7 +246,8 @@ def profiler_callback(path: Path, start: int, steps: int):
             if st.global_step == start:
                 torch.cuda.synchronize()
                 state["prof"] = torch.profiler.profile(
-                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                    with_stack=stacks, record_shapes=stacks,
                 )
                 state["prof"].__enter__()
                 state["t0"] = time.perf_counter()
@@ -260,6 +264,10 @@ def profiler_callback(path: Path, start: int, steps: int):
                          f"({gpu_us / 1e6 / wall:.0%} busy)"]  # fmt: skip
                 lines.append(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70))
                 lines.append(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+                if stacks:
+                    by_stack = prof.key_averages(group_by_input_shape=True, group_by_stack_n=6)
+                    lines.append(by_stack.table(sort_by="self_device_time_total", row_limit=60,
+                                                max_name_column_width=50, max_src_column_width=120))
                 try:
                     lines.append(gap_report(prof.events()))
                 except Exception as exc:  # the report is a diagnostic; never lose the tables for it
@@ -460,7 +468,8 @@ def _run_recipe(spec: dict, ctx: dict, meter: Meter, steps: int) -> dict:
 
         if hasattr(torch.profiler, "_utils") and hasattr(torch.profiler._utils, "_init_for_cuda_graphs"):
             torch.profiler._utils._init_for_cuda_graphs()  # a profiler after a graph capture needs it on old CUDA
-        extra.append(profiler_callback(Path(ctx["out"]) / f"profile-{spec['name']}.txt", start=6, steps=2))
+        extra.append(profiler_callback(Path(ctx["out"]) / f"profile-{spec['name']}.txt", start=6, steps=2,
+                                       stacks=spec["profile"] == "stacks"))
     instrument(ptrainer.Phi3Trainer, meter, extra)
     from phi3tune.cli import app
 
