@@ -46,19 +46,20 @@ def _rope_reference() -> Callable:
 
 
 def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_size: int, kv_size: int, head_dim: int):
-    """Query, key (rotated) and value as ``(batch, heads, seq, head_dim)`` views of ``(batch, seq, heads,
-    head_dim)`` tensors of their own.
+    """Query, key (rotated) and value as contiguous token-major ``(batch, seq, heads, head_dim)`` tensors.
 
     RoPE runs in the token-major layout (``unsqueeze_dim=2``), so flattening tokens for the varlen kernel is
     free; transformers' head-major RoPE hands it tensors that must be copied (3 copies a layer, ~7 ms a step on
     the H100). The value gets its own buffer too: a view would keep the whole qkv output alive for backward
-    (18 KB a token a layer).
+    (18 KB a token a layer). The caller transposes to transformers' ``(batch, heads, seq, head_dim)``: returned
+    from the compiled function, those transposed views made its backward copy each incoming gradient to a
+    contiguous one first (3 copies of ~68 us a layer, ~6.5 ms of a ~281 ms H200 step, docs/benchmarks.md).
     """
     query, key, value = qkv.split([q_size, kv_size, kv_size], dim=-1)
     shape = (*qkv.shape[:-1], -1, head_dim)
     query, key = _rope_reference()(query.view(shape), key.view(shape), cos, sin, unsqueeze_dim=2)
     value = value.reshape(shape).clone(memory_format=torch.contiguous_format)
-    return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    return query, key, value
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -181,7 +182,9 @@ def attention_forward(
     q_size = self.config.num_attention_heads * self.head_dim
     kv_size = self.num_key_value_heads * self.head_dim
     cos, sin = position_embeddings
-    query_states, key_states, value_states = _qkv_rope(qkv, cos, sin, q_size, kv_size, self.head_dim)
+    query_states, key_states, value_states = (
+        t.transpose(1, 2) for t in _qkv_rope(qkv, cos, sin, q_size, kv_size, self.head_dim)
+    )
 
     if past_key_values is not None:
         key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)

@@ -85,6 +85,51 @@ def test_generation_with_kv_cache_unchanged() -> None:
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
 
 
+def test_split_rope_outputs_and_their_gradients_are_contiguous(monkeypatch) -> None:
+    """The compiled split + RoPE returns token-major contiguous tensors, and the gradients the varlen kernel
+    sends back to them are contiguous too. Otherwise the compiled backward first copies each gradient to the
+    layout of its output (3 copies a layer, ~6.5 ms of an H200 step)."""
+    model = _with_lora(_tiny(attention.VARLEN))
+    seen: list[tuple[str, bool]] = []
+    original = phi3_layers._qkv_rope
+
+    def watched(*args):
+        outputs = original(*args)
+        for name, t in zip("qkv", outputs):
+            seen.append((f"{name} out", t.is_contiguous()))
+            t.register_hook(lambda g, name=name: seen.append((f"{name} grad", g.is_contiguous())))
+        return outputs
+
+    monkeypatch.setattr(phi3_layers, "_qkv_rope", watched)
+    assert phi3_layers.patch()
+    lengths = [5, 12, 3]
+    ids = torch.randint(10, 32000, (1, sum(lengths)), generator=torch.Generator().manual_seed(4))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    model(input_ids=ids, position_ids=pos, labels=ids).loss.backward()
+    layers = model.config.num_hidden_layers
+    assert len(seen) == 6 * layers
+    assert all(ok for _, ok in seen), [name for name, ok in seen if not ok]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the copy is torch.compile's")
+def test_gpu_compiled_split_rope_backward_copies_nothing() -> None:
+    """On a GPU the split + RoPE is compiled; its backward, fed the varlen kernel's (tokens, heads, dim)
+    gradients the way the attention forward hands them back, launches no copy."""
+    heads, dim, tokens = 4, 32, 64
+    qkv = torch.randn(1, tokens, 3 * heads * dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    angles = torch.randn(1, tokens, dim, device="cuda")
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    for _ in range(2):  # the first call compiles
+        outs = [t.transpose(1, 2) for t in phi3_layers._qkv_rope(qkv, cos, sin, heads * dim, heads * dim, dim)]
+        flat = [t.transpose(1, 2).reshape(tokens, heads, dim) for t in outs]  # as varlen_attention_forward
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            torch.autograd.backward(flat, [torch.randn_like(f) for f in flat])
+            torch.cuda.synchronize()
+    assert phi3_layers._qkv_rope.compiled is not None and not phi3_layers._qkv_rope.failed
+    copies = [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
+    assert not copies, [(e.name, e.input_shapes) for e in copies]
+
+
 def test_patch_is_class_level_and_reversible() -> None:
     from transformers.models.phi3 import modeling_phi3
 
