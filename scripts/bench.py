@@ -40,6 +40,7 @@ Earlier ablation rows and their results: docs/bench/README.md.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -82,6 +83,8 @@ ROWS: dict[str, dict] = {
     "lora-syncs": dict(via="recipe", config=_LORA, sets=["training_config.logging_nan_inf_filter=true",
                                                          "training_config.accelerator_config={non_blocking: false}"]),
     "lora-eagerload": dict(via="recipe", config=_LORA, env={"CUDA_MODULE_LOADING": "EAGER"}),
+    # the SwiGLU's backward by Inductor instead of phi3tune's one-pass kernel (fastpath/swiglu_backward.py)
+    "lora-inductor-swiglu": dict(via="recipe", config=_LORA, attrs={"phi3tune.fastpath.swiglu_backward:ENABLED": False}),
 }
 _GEN = dict(via="generate", samples=200, max_new_tokens=256)
 ROWS.update({
@@ -375,6 +378,9 @@ def run_row(spec: dict, ctx: dict) -> dict:
         return run_generation_row(spec, ctx)
     device = ctx["device"]
     steps, warmup = spec.get("steps", ctx["steps"]), spec.get("warmup", ctx["warmup"])
+    for target, value in spec.get("attrs", {}).items():  # a fast-path switch kept for A/B rows ("module:NAME")
+        module, name = target.split(":")
+        setattr(importlib.import_module(module), name, value)
     meter = Meter()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -22,21 +22,13 @@ import functools
 
 import torch
 
+from .triton_support import triton_available
+
 # One program holds a whole row in registers: wider rows take the torch path.
 MAX_ROW = 32768
 
 
-@functools.lru_cache(maxsize=None)
-def available() -> bool:
-    """Whether the Triton kernels can run here (a CUDA device and an importable Triton)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # noqa: BLE001 - no Triton, or a broken install: the torch path runs instead
-        return False
-    return True
+available = triton_available  # the kernels below need a CUDA device and an importable Triton
 
 
 @functools.lru_cache(maxsize=None)

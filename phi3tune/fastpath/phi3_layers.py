@@ -31,6 +31,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from . import swiglu_backward
+
 log = logging.getLogger(__name__)
 
 _ORIGINAL: dict[str, Any] = {}  # what patch() replaced, and transformers' Phi-3 module while patched
@@ -211,7 +213,11 @@ def mlp_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     """``Phi3MLP.forward`` with the SwiGLU as one function of the fused ``gate_up_proj`` output."""
     if self.config.hidden_act not in ("silu", "swish"):
         return _ORIGINAL["mlp"](self, hidden_states)
-    return self.down_proj(_REPLACED.get("swiglu", _swiglu)(self.gate_up_proj(hidden_states)))
+    gate_up = self.gate_up_proj(hidden_states)
+    activation = _REPLACED.get("swiglu", _swiglu)
+    if gate_up.requires_grad and swiglu_backward.usable(gate_up):
+        return self.down_proj(swiglu_backward.apply(gate_up, activation))  # one-pass backward kernel
+    return self.down_proj(activation(gate_up))
 
 
 def is_patched() -> bool:

@@ -1,10 +1,16 @@
 #!/usr/bin/env python3
-"""Varlen attention kernels at Phi-3-mini's shapes (issue 16): PyTorch's flash kernel against cuDNN's ragged one.
+"""Kernels of one Phi-3-mini decoder layer at the recipe's micro-batch (issue 16), against their alternatives.
 
-    python scripts/bench_attention.py --out OUT          # -> OUT/attention.json
-    python scripts/bench_attention.py --cpu-smoke        # checks the script on tiny shapes (reference only)
+    python scripts/bench_layer_kernels.py attention --out OUT   # -> OUT/attention.json
+    python scripts/bench_layer_kernels.py swiglu --out OUT      # -> OUT/swiglu.json
+    python scripts/bench_layer_kernels.py attention --cpu-smoke # checks the script on tiny shapes
 
-One decoder layer's attention of the recipe's micro-batch: 8,192 packed tokens, 32 heads of 96, bf16, causal
+swiglu: the SwiGLU's backward at 8,192 tokens (gate_up 8,192 x 16,384, bf16): Inductor's (``torch.compile`` of
+``phi3_layers.swiglu``, the gradient of its output taken alone), phi3tune's Triton kernel
+(``fastpath/swiglu_backward.py``) and the eager torch reference; GPU ms a call (CUDA events, calls back to back),
+the effective bandwidth, and the largest difference to Inductor's result.
+
+attention: one decoder layer's attention of the recipe's micro-batch: 8,192 packed tokens, 32 heads of 96, bf16, causal
 inside each sample. Sample lengths: ``long`` (4 x 2,047), ``short`` (16 x 512), ``mixed`` (random 32..2,047).
 Rows:
 
@@ -79,8 +85,39 @@ class CudnnVarlen:
         return _Fn.apply
 
 
+def swiglu(args: argparse.Namespace) -> dict:
+    import torch
+
+    from phi3tune.fastpath import phi3_layers, swiglu_backward
+
+    smoke = args.cpu_smoke
+    device = "cpu" if smoke else "cuda"
+    tokens, half = (64, 96) if smoke else (args.tokens, 8192)
+    timer = _timer(device, args.iters, 3, args.back_to_back)
+    torch.manual_seed(0)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    gate_up = (torch.randn(tokens, 2 * half, device=device) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(tokens, half, device=device).to(dtype)
+    compiled = torch.compile(phi3_layers.swiglu) if not smoke else phi3_layers.swiglu
+    out = compiled(gate_up)
+    inductor = lambda: torch.autograd.grad(out, gate_up, grad, retain_graph=True)[0]  # noqa: E731
+    kernel = lambda: swiglu_backward.backward(gate_up.detach(), grad)  # noqa: E731
+    reference = lambda: swiglu_backward.backward_reference(gate_up.detach(), grad)  # noqa: E731
+    want = inductor()
+    moved = 2 * gate_up.numel() * gate_up.element_size() + grad.numel() * grad.element_size()
+    rows = {}
+    for name, fn in (("inductor", inductor), ("kernel", kernel), ("reference", reference)):
+        ms = timer(fn)
+        got = fn()
+        rows[name] = {"ms": round(ms, 4), "max_abs_diff_vs_inductor": float((got.float() - want.float()).abs().max()),
+                      "bytes_if_read_once_GB": round(moved / 1e9, 3), "TB_s_if_read_once": round(moved / ms / 1e9, 2)}
+        print("swiglu", name, rows[name], flush=True)
+    return {"tokens": tokens, "half": half, "rows": rows}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("cmd", choices=["attention", "swiglu"])
     p.add_argument("--out", default="bench_out")
     p.add_argument("--cpu-smoke", action="store_true")
     p.add_argument("--tokens", type=int, default=8192)
@@ -91,7 +128,16 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--back-to-back", type=int, default=8)
     args = p.parse_args()
+    if args.cmd == "swiglu":
+        report = swiglu(args)
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "swiglu.json").write_text(json.dumps(report, indent=1))
+        return
+    attention(args)
 
+
+def attention(args: argparse.Namespace) -> None:
     import torch
 
     from phi3tune.fastpath.attention import reference_varlen_attention

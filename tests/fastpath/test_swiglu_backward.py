@@ -1,0 +1,91 @@
+"""phi3tune/fastpath/swiglu_backward.py: the SwiGLU's one-pass backward equals autograd's.
+
+On a CPU the torch reference runs (and is checked against autograd of ``phi3_layers.swiglu``); on a GPU the Triton
+kernel is checked against that reference, and the MLP forward is checked to take it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from phi3tune.fastpath import phi3_layers, swiglu_backward
+
+needs_triton = pytest.mark.skipif(not swiglu_backward.triton_available(), reason="needs a CUDA GPU with Triton")
+
+
+def _autograd_grad(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    leaf = gate_up.detach().clone().requires_grad_()
+    phi3_layers.swiglu(leaf).backward(grad)
+    return leaf.grad
+
+
+def test_reference_equals_autograd_in_float64() -> None:
+    torch.manual_seed(0)
+    gate_up = torch.randn(5, 7, 2 * 24, dtype=torch.float64) * 4  # sigmoid's tails included
+    grad = torch.randn(5, 7, 24, dtype=torch.float64)
+    got = swiglu_backward.backward_reference(gate_up, grad)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, _autograd_grad(gate_up, grad), rtol=1e-6, atol=1e-6)
+
+
+def test_apply_gives_the_forward_its_value_and_this_backward() -> None:
+    torch.manual_seed(1)
+    gate_up = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def forward(x):
+        calls.append(torch.is_grad_enabled())
+        return phi3_layers.swiglu(x)
+
+    out = swiglu_backward.apply(gate_up, forward)
+    assert calls == [False]  # the forward is not recorded: only this backward runs
+    torch.testing.assert_close(out, phi3_layers.swiglu(gate_up.detach()))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.testing.assert_close(gate_up.grad, _autograd_grad(gate_up, grad))
+
+
+def test_mlp_on_cpu_keeps_autograd_of_the_plain_function() -> None:
+    assert not swiglu_backward.usable(torch.zeros(2, 8))
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+@needs_triton
+@pytest.mark.parametrize("shape", [(1, 517, 2 * 8192), (3, 5, 2 * 96)])
+def test_gpu_kernel_matches_reference(shape) -> None:  # pragma: no cover - GPU only
+    torch.manual_seed(2)
+    gate_up = (torch.randn(shape, device="cuda") * 3).bfloat16()
+    grad = torch.randn(*shape[:-1], shape[-1] // 2, device="cuda").bfloat16()
+    got = swiglu_backward.backward(gate_up, grad)
+    want = swiglu_backward.backward_reference(gate_up, grad)
+    assert got.shape == gate_up.shape and got.dtype == torch.bfloat16
+    # float32 math rounded once on both sides; sigmoid's implementations may differ in the last float32 bit
+    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-5)
+    # a strided incoming gradient (a slice of a wider tensor) gives the same
+    wide = torch.randn(*shape[:-1], shape[-1], device="cuda").bfloat16()
+    wide[..., : shape[-1] // 2] = grad
+    torch.testing.assert_close(swiglu_backward.backward(gate_up, wide[..., : shape[-1] // 2]), got, rtol=0, atol=0)
+
+
+@needs_triton
+def test_gpu_mlp_forward_takes_the_kernel_and_grads_match(monkeypatch) -> None:  # pragma: no cover - GPU only
+    from types import SimpleNamespace
+
+    torch.manual_seed(3)
+    hidden, inter = 64, 96
+    mlp = SimpleNamespace(config=SimpleNamespace(hidden_act="silu"),
+                          gate_up_proj=torch.nn.Linear(hidden, 2 * inter, bias=False, device="cuda", dtype=torch.bfloat16),
+                          down_proj=torch.nn.Linear(inter, hidden, bias=False, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(2, 33, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    used = []
+    monkeypatch.setattr(swiglu_backward, "backward", lambda *a: used.append(1) or swiglu_backward.backward_reference(*a))
+    out = phi3_layers.mlp_forward(mlp, x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert used == [1]
+    ref_x = x.detach().clone().requires_grad_()
+    ref = mlp.down_proj(phi3_layers.swiglu(mlp.gate_up_proj(ref_x)))
+    torch.testing.assert_close(out, ref)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=2e-2, atol=2e-2)
