@@ -84,8 +84,11 @@ def test_gpu_mlp_forward_takes_the_kernel_and_grads_match(monkeypatch) -> None: 
     grad = torch.randn_like(out)
     out.backward(grad)
     assert used == [1]
+    # the reference: autograd through the same compiled forward (Inductor's backward)
     ref_x = x.detach().clone().requires_grad_()
-    ref = mlp.down_proj(phi3_layers.swiglu(mlp.gate_up_proj(ref_x)))
-    torch.testing.assert_close(out, ref)
+    ref = mlp.down_proj(phi3_layers._swiglu(mlp.gate_up_proj(ref_x)))
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
     ref.backward(grad)
-    torch.testing.assert_close(x.grad, ref_x.grad, rtol=2e-2, atol=2e-2)
+    scale = float(ref_x.grad.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=2e-2, atol=2e-2 * scale)
