@@ -3,6 +3,7 @@
 
     python scripts/bench_fp8.py gemm --out OUT                       # per-layer GEMM microbenchmark -> OUT/fp8_gemm.json
     python scripts/bench_fp8.py parity --out OUT --tmp /tmp/pb       # bf16 vs fp8 losses -> OUT/fp8_parity.json
+    python scripts/bench_fp8.py compare SAVED.json --out OUT        # a saved parity's comparisons again -> OUT/fp8_compare.json
     python scripts/bench_fp8.py gemm --cpu-smoke; python scripts/bench_fp8.py parity --cpu-smoke   # script checks
 
 gemm: Phi-3-mini's four linears of one decoder layer (qkv_proj 3072->9216, o_proj 3072->3072, gate_up_proj
@@ -263,15 +264,43 @@ def _parity_sets(precision: str, args, data: str | None) -> list[str]:
     return sets + ([f"data.train={{path: {data}}}"] if data else [])
 
 
-def _compare(bf16: list, fp8: list) -> dict:
+def _window_means(losses: list, window: int) -> list:
+    """The loss a trainer logs with ``logging_steps=window``: the mean over each window of steps."""
+    return [sum(losses[i:i + window]) / window for i in range(0, len(losses) - window + 1, window)]
+
+
+def _compare(bf16: list, fp8: list, log_window: int = 20) -> dict:
     pairs = [(i + 1, b, f) for i, (b, f) in enumerate(zip(bf16, fp8)) if b is not None and f is not None]
     rel = [abs(f - b) / abs(b) for _, b, f in pairs]
     worst = max(range(len(rel)), key=rel.__getitem__) if rel else None
-    return {"steps_compared": len(rel), "max_rel_diff": round(max(rel), 5) if rel else None,
-            "mean_rel_diff": round(sum(rel) / len(rel), 5) if rel else None,
-            "worst_step": pairs[worst][0] if rel else None, "within_1pct": bool(rel) and max(rel) < 0.01,
-            "first_loss": [bf16[0], fp8[0]] if rel else None, "last_loss": [bf16[-1], fp8[-1]] if rel else None,
-            "rel_diff": [round(r, 5) for r in rel]}
+    out = {"steps_compared": len(rel), "max_rel_diff": round(max(rel), 5) if rel else None,
+           "mean_rel_diff": round(sum(rel) / len(rel), 5) if rel else None,
+           "worst_step": pairs[worst][0] if rel else None, "within_1pct": bool(rel) and max(rel) < 0.01,
+           "first_loss": [bf16[0], fp8[0]] if rel else None, "last_loss": [bf16[-1], fp8[-1]] if rel else None,
+           "rel_diff": [round(r, 5) for r in rel]}
+    if len(pairs) == len(bf16) == len(fp8) and len(pairs) >= log_window:
+        # as logged by the recipe (configs/lora.yaml logs every 20 steps: the mean loss of those steps)
+        logged = [abs(f - b) / abs(b) for b, f in zip(_window_means(bf16, log_window), _window_means(fp8, log_window))]
+        out[f"logged_every_{log_window}"] = {"max_rel_diff": round(max(logged), 5),
+                                             "within_1pct": max(logged) < 0.01,
+                                             "rel_diff": [round(r, 5) for r in logged]}
+    return out
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """Recompute the comparisons of a saved fp8_parity.json (e.g. with another --log-window)."""
+    saved = json.loads(Path(args.saved).read_text())
+    for data, entry in saved["data"].items():
+        if "losses" not in entry.get("bf16", {}):
+            continue
+        for other, key in (("fp8", "comparison"), ("bf16-repeat", "bf16_repeat_comparison")):
+            if "losses" in entry.get(other, {}):
+                c = _compare(entry["bf16"]["losses"], entry[other]["losses"], args.log_window)
+                logged = c.get(f"logged_every_{args.log_window}", {})
+                print(f"{data}: {other} vs bf16: every step max {c['max_rel_diff']} (step {c['worst_step']}), "
+                      f"mean {c['mean_rel_diff']}; logged every {args.log_window}: max {logged.get('max_rel_diff')}")
+                entry[key] = c
+    return saved
 
 
 def parity(args: argparse.Namespace) -> dict:
@@ -313,9 +342,10 @@ def parity(args: argparse.Namespace) -> dict:
             print(f"{name}: {time.perf_counter() - t0:.0f} s {rows[precision].get('error', '')}", flush=True)
         entry = dict(rows)
         if "losses" in rows["bf16"] and "losses" in rows["fp8"]:
-            entry["comparison"] = _compare(rows["bf16"]["losses"], rows["fp8"]["losses"])
+            entry["comparison"] = _compare(rows["bf16"]["losses"], rows["fp8"]["losses"], args.log_window)
             if "losses" in rows.get("bf16-repeat", {}):  # the same bf16 run twice: how far the loss moves without any change
-                entry["bf16_repeat_comparison"] = _compare(rows["bf16"]["losses"], rows["bf16-repeat"]["losses"])
+                entry["bf16_repeat_comparison"] = _compare(rows["bf16"]["losses"], rows["bf16-repeat"]["losses"],
+                                                           args.log_window)
                 c = entry["bf16_repeat_comparison"]
                 print(f"{data}: bf16 vs bf16 again: max rel diff {c['max_rel_diff']} at step {c['worst_step']}, "
                       f"mean {c['mean_rel_diff']}", flush=True)
@@ -342,7 +372,10 @@ def _row(spec_json: str, cpu_smoke: bool) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cmd", choices=["gemm", "parity", "_row"])
+    p.add_argument("cmd", choices=["gemm", "parity", "compare", "_row"])
+    p.add_argument("saved", nargs="?", help="compare: a saved fp8_parity.json")
+    p.add_argument("--log-window", type=int, default=20,
+                   help="parity/compare: also compare the means over windows of this many steps (as logged)")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes / model on a CPU: checks the script")
     p.add_argument("--tokens", type=int, default=8192, help="gemm: tokens of the micro-batch")
@@ -373,6 +406,11 @@ def main() -> None:
         return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.cmd == "compare":
+        if not a.saved:
+            p.error("compare needs the path of a saved fp8_parity.json")
+        (out / "fp8_compare.json").write_text(json.dumps(compare(a), indent=1))
+        return
     result = gemm(a) if a.cmd == "gemm" else parity(a)
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     path = out / f"fp8_{a.cmd}.json"
