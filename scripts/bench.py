@@ -67,7 +67,8 @@ ROWS: dict[str, dict] = {
         "training_config.gradient_checkpointing_kwargs={use_reentrant: false, every_n_layers: 2}"]),
     "mem-lora-rows2": dict(via="recipe", config=_LORA, sets=["training_config.per_device_train_batch_size=2"]),
     "prof-lora": dict(via="recipe", config=_LORA, profile=True),
-    # the same under a profiler that records Python stacks: which source line launches each kernel
+    # the same under a profiler that also records input shapes: device time grouped by op and shapes (and by
+    # Python stack where the profiler captures one)
     "prof-lora-stacks": dict(via="recipe", config=_LORA, profile="stacks"),
     "lora-fp8": dict(via="recipe", config=_LORA, sets=["model.base_precision=fp8"]),
     # the same recipes with CUDA graphs over the decoder layers (model.fast_path.cuda_graphs, opt-in)
@@ -236,7 +237,7 @@ class Meter:
 
 def profiler_callback(path: Path, start: int, steps: int, stacks: bool = False):
     """torch.profiler over `steps` optimizer steps after step `start`: top kernels and GPU busy time; with
-    `stacks`, also the device time of each op grouped by the Python lines that called it (slower to record)."""
+    `stacks`, also the device time of each op grouped by its input shapes and calling stack (slower to record)."""
     import torch
     from transformers import TrainerCallback
 

@@ -19,11 +19,14 @@ API: ``usable(gate_up) -> bool``, ``apply(gate_up, forward) -> Tensor``, ``backw
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable
 
 import torch
 
 from .triton_support import triton_available
+
+log = logging.getLogger(__name__)
 
 # Elements of one half a program handles (8,192-wide halves: 4 programs a token). H200, 8,192 tokens, bf16:
 # 0.169 ms a call (3.98 TB/s of the bytes that must move) against Inductor's 0.293 ms (docs/benchmarks.md,
@@ -31,18 +34,20 @@ from .triton_support import triton_available
 _BLOCK = 2048
 # Off: Inductor's backward runs (scripts/bench.py's lora-inductor-swiglu row, the A/B of this kernel in the recipe).
 ENABLED = True
+_FAILED = False  # the kernel failed to build or launch once (e.g. no C compiler for Triton): the reference runs
 
 
 def usable(gate_up: torch.Tensor) -> bool:
     """Whether the kernel's backward applies: a CUDA tensor with Triton, bf16/fp16/fp32, an even last dim."""
-    return (ENABLED and gate_up.is_cuda and gate_up.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return (ENABLED and not _FAILED and gate_up.is_cuda and gate_up.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and gate_up.shape[-1] % 2 == 0 and triton_available())  # fmt: skip
 
 
 def backward_reference(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``d [gate | up]`` of ``up * silu(gate)`` given the output's gradient, in float32 rounded once."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    g = grad.float()
+    """``d [gate | up]`` of ``up * silu(gate)`` given the output's gradient, in float32 (or float64) rounded once."""
+    compute = torch.promote_types(gate_up.dtype, torch.float32)
+    gate, up = gate_up.to(compute).chunk(2, dim=-1)
+    g = grad.to(compute)
     sig = torch.sigmoid(gate)
     d_gate = g * up * sig * (1 + gate * (1 - sig))
     d_up = g * gate * sig
@@ -73,10 +78,7 @@ def _kernel():
     return triton, swiglu_backward_kernel
 
 
-def backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The kernel where ``usable``, else ``backward_reference``."""
-    if not usable(gate_up):
-        return backward_reference(gate_up, grad)
+def _kernel_backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     half = gate_up.shape[-1] // 2
     gu2d = gate_up.reshape(-1, 2 * half)
     g2d = grad.reshape(-1, half)
@@ -88,8 +90,27 @@ def backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     if out.numel():
         triton, kernel = _kernel()
         grid = (gu2d.shape[0], triton.cdiv(half, _BLOCK))
-        kernel[grid](gu2d, g2d, out, half, gu2d.stride(0), g2d.stride(0), out.stride(0), BLOCK=_BLOCK, num_warps=8)
+        with torch.cuda.device(gate_up.device):
+            kernel[grid](gu2d, g2d, out, half, gu2d.stride(0), g2d.stride(0), out.stride(0), BLOCK=_BLOCK,
+                         num_warps=8)
     return out.view(gate_up.shape)
+
+
+def backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The kernel where ``usable``, else ``backward_reference``; a kernel that fails to build or launch is warned
+    about once and the reference runs from then on (training goes on, as with a failed ``torch.compile``)."""
+    global _FAILED
+    if not usable(gate_up):
+        return backward_reference(gate_up, grad)
+    try:
+        return _kernel_backward(gate_up, grad)
+    except torch.OutOfMemoryError:
+        raise  # not a kernel failure: the recipe's OOM handling (exit 3, hints) takes it
+    except Exception as exc:  # noqa: BLE001 - any build/launch failure: the reference is the same math
+        _FAILED = True
+        log.warning("fast path: the SwiGLU backward kernel failed (%s: %s); using the torch reference",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+        return backward_reference(gate_up, grad)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -101,6 +122,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (gate_up,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the torch reference, whose result autograd can differentiate
+            return backward_reference(gate_up, grad), None
         return backward(gate_up, grad), None
 
 

@@ -26,7 +26,7 @@ def test_reference_equals_autograd_in_float64() -> None:
     grad = torch.randn(5, 7, 24, dtype=torch.float64)
     got = swiglu_backward.backward_reference(gate_up, grad)
     assert got.dtype == torch.float64
-    torch.testing.assert_close(got, _autograd_grad(gate_up, grad), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, _autograd_grad(gate_up, grad))
 
 
 def test_apply_gives_the_forward_its_value_and_this_backward() -> None:
@@ -48,6 +48,69 @@ def test_apply_gives_the_forward_its_value_and_this_backward() -> None:
 
 def test_mlp_on_cpu_keeps_autograd_of_the_plain_function() -> None:
     assert not swiglu_backward.usable(torch.zeros(2, 8))
+
+
+def _kernel_stand_in(gate_up, grad):
+    """What the Triton kernel gives (the same numbers, no autograd graph), runnable on a CPU."""
+    with torch.no_grad():
+        return swiglu_backward.backward_reference(gate_up, grad)
+
+
+def test_a_failing_kernel_warns_once_and_the_reference_answers(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(swiglu_backward, "_FAILED", False)
+    monkeypatch.setattr(swiglu_backward, "ENABLED", True)
+    monkeypatch.setattr(swiglu_backward, "triton_available", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # usable() on a CPU tensor
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(swiglu_backward, "_kernel_backward", broken)
+    gate_up, grad = torch.randn(4, 2 * 6), torch.randn(4, 6)
+    assert swiglu_backward.usable(gate_up)
+    with caplog.at_level("WARNING"):
+        got = swiglu_backward.backward(gate_up, grad)
+        again = swiglu_backward.backward(gate_up, grad)
+    torch.testing.assert_close(got, swiglu_backward.backward_reference(gate_up, grad))
+    torch.testing.assert_close(again, got)
+    assert calls == [1]  # not tried again
+    assert not swiglu_backward.usable(gate_up)  # the MLP takes the compiled function's own backward from now on
+    assert sum("SwiGLU backward kernel failed" in r.message for r in caplog.records) == 1
+
+
+def test_out_of_memory_in_the_kernel_is_not_a_kernel_failure(monkeypatch) -> None:
+    monkeypatch.setattr(swiglu_backward, "_FAILED", False)
+    monkeypatch.setattr(swiglu_backward, "usable", lambda t: True)
+
+    def oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(swiglu_backward, "_kernel_backward", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        swiglu_backward.backward(torch.randn(2, 4), torch.randn(2, 2))
+    assert not swiglu_backward._FAILED
+
+
+def test_second_derivatives_through_apply_match_autograd(monkeypatch) -> None:
+    """A gradient penalty (create_graph=True) differentiates the backward: the kernel's output has no graph, so
+    that case must take the reference, not the kernel."""
+    monkeypatch.setattr(swiglu_backward, "usable", lambda t: True)
+    monkeypatch.setattr(swiglu_backward, "_kernel_backward", _kernel_stand_in)
+    torch.manual_seed(5)
+    start = torch.randn(3, 2 * 5, dtype=torch.float64)
+
+    def penalised(fn):
+        gate_up = start.clone().requires_grad_()
+        y = fn(gate_up)
+        (g,) = torch.autograd.grad(y.square().sum(), gate_up, create_graph=True)
+        (g.square().sum() + y.sum()).backward()
+        return gate_up.grad
+
+    want = penalised(phi3_layers.swiglu)
+    got = penalised(lambda gu: swiglu_backward.apply(gu, phi3_layers.swiglu))
+    torch.testing.assert_close(got, want)
 
 
 # ----------------------------------------------------------------------------------------------- GPU
