@@ -190,8 +190,8 @@ def attention(args: argparse.Namespace) -> None:
                 if device == "cuda":
                     torch.cuda.synchronize()
                 row["first_call_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
-                row["rel_err"] = {"out": _rel(out.detach(), ref.detach()), "dq": _rel(qi.grad, qr.grad), "dk": _rel(ki.grad, kr.grad),
-                                  "dv": _rel(vi.grad, vr.grad)}
+                row["rel_err"] = {"out": _rel(out.detach(), ref.detach()), "dq": _rel(qi.grad, qr.grad),
+                                  "dk": _rel(ki.grad, kr.grad), "dv": _rel(vi.grad, vr.grad)}
                 with torch.no_grad():
                     row["fwd_ms"] = round(timer(lambda: fn(q, k, v, cu, max(lengths))), 4)
 

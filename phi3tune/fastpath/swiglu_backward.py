@@ -39,7 +39,8 @@ _FAILED = False  # the kernel failed to build or launch once (e.g. no C compiler
 
 def usable(gate_up: torch.Tensor) -> bool:
     """Whether the kernel's backward applies: a CUDA tensor with Triton, bf16/fp16/fp32, an even last dim."""
-    return (ENABLED and not _FAILED and gate_up.is_cuda and gate_up.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return (ENABLED and not _FAILED and gate_up.is_cuda
+            and gate_up.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and gate_up.shape[-1] % 2 == 0 and triton_available())  # fmt: skip
 
 

@@ -132,17 +132,19 @@ def test_gpu_kernel_matches_reference(shape) -> None:  # pragma: no cover - GPU 
 
 
 @needs_triton
-def test_gpu_mlp_forward_takes_the_kernel_and_grads_match(monkeypatch) -> None:  # pragma: no cover - GPU only
+def test_gpu_mlp_forward_takes_this_backward_and_grads_match(monkeypatch) -> None:  # pragma: no cover - GPU only
     from types import SimpleNamespace
 
     torch.manual_seed(3)
     hidden, inter = 64, 96
+    linear = dict(bias=False, device="cuda", dtype=torch.bfloat16)
     mlp = SimpleNamespace(config=SimpleNamespace(hidden_act="silu"),
-                          gate_up_proj=torch.nn.Linear(hidden, 2 * inter, bias=False, device="cuda", dtype=torch.bfloat16),
-                          down_proj=torch.nn.Linear(inter, hidden, bias=False, device="cuda", dtype=torch.bfloat16))
+                          gate_up_proj=torch.nn.Linear(hidden, 2 * inter, **linear),
+                          down_proj=torch.nn.Linear(inter, hidden, **linear))
     x = torch.randn(2, 33, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     used = []
-    monkeypatch.setattr(swiglu_backward, "backward", lambda *a: used.append(1) or swiglu_backward.backward_reference(*a))
+    monkeypatch.setattr(swiglu_backward, "backward",
+                        lambda *a: used.append(1) or swiglu_backward.backward_reference(*a))
     out = phi3_layers.mlp_forward(mlp, x)
     grad = torch.randn_like(out)
     out.backward(grad)
