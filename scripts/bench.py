@@ -15,8 +15,11 @@ Rows (each in a fresh subprocess, same data, same random base weights):
                prof-lora-fp8 profiles it. GEMM microbenchmark and bf16/fp8 loss parity: scripts/bench_fp8.py
   lora-syncs   the LoRA recipe with the per-step host syncs phi3tune avoids put back (same call A/B)
   lora-eagerload  the LoRA recipe with CUDA_MODULE_LOADING=EAGER (no kernel loaded at its first use mid-run)
+  lora-graphs, lora-fp8-graphs  with model.fast_path.cuda_graphs (opt-in); prof-lora-graphs, prof-lora-fp8-graphs
+  lora-inductor-swiglu  the SwiGLU backward by Inductor instead of fastpath/swiglu_backward.py (same call A/B)
   mem-*        the LoRA recipe with other checkpointing / micro-batches, to check the memory model
-  prof-lora    the LoRA recipe under torch.profiler for two steps: top kernels, CPU ops, the GPU's idle gaps
+  prof-lora    the LoRA recipe under torch.profiler for two steps: top kernels, CPU ops, the GPU's idle gaps;
+               prof-lora-stacks adds device time grouped by op and input shapes
   gen-lora     `phi3tune eval RUN --generate --compare-base --max-new-tokens 256` on 200 eval chats (issue 13):
                batched generation, adapter merged in memory, then the base; seconds after loading, tokens/s,
                the batch size chosen
@@ -85,7 +88,8 @@ ROWS: dict[str, dict] = {
                                                          "training_config.accelerator_config={non_blocking: false}"]),
     "lora-eagerload": dict(via="recipe", config=_LORA, env={"CUDA_MODULE_LOADING": "EAGER"}),
     # the SwiGLU's backward by Inductor instead of phi3tune's one-pass kernel (fastpath/swiglu_backward.py)
-    "lora-inductor-swiglu": dict(via="recipe", config=_LORA, attrs={"phi3tune.fastpath.swiglu_backward:ENABLED": False}),
+    "lora-inductor-swiglu": dict(via="recipe", config=_LORA,
+                                 attrs={"phi3tune.fastpath.swiglu_backward:ENABLED": False}),
 }
 _GEN = dict(via="generate", samples=200, max_new_tokens=256)
 ROWS.update({

@@ -277,9 +277,11 @@ def plan_fast_path(
     # 4. Activation checkpointing: none when it fits (after graphs' buffers, 5.), else every n-th layer, else all.
     plan.gpu_memory_bytes = total = gpu_memory if gpu_memory is not None else (gpu_memory_bytes() or DEFAULT_GPU_MEMORY_BYTES)
     budget = QLORA_MEMORY_BUDGET if quantized else total * MEMORY_FRACTION
-    graphs_off = ("FSDP2 shards the weights" if sharded else "QLoRA's 4-bit kernels are not checked under capture"
-                  if quantized else "batches are not packed with bfd" if not packed else "activation checkpointing "
-                  "recomputes inside backward" if args.get("gradient_checkpointing") else None)
+    graphs_off = ("FSDP2 shards the weights" if sharded
+                  else "QLoRA's 4-bit kernels are not checked under capture" if quantized
+                  else "batches are not packed with bfd" if not packed
+                  else "activation checkpointing recomputes inside backward" if args.get("gradient_checkpointing")
+                  else None)
     graph_bytes = memory.cuda_graph_bytes(plan.tokens_per_micro_batch, shape) if graphs_asked and not graphs_off else 0
     sizes = dict(quantized=quantized, fused=compiled_layers and fused_lora, shape=shape, fp8=fp8)
     least = partial(memory.least_recompute, plan.tokens_per_micro_batch, **sizes)
@@ -307,13 +309,12 @@ def plan_fast_path(
         )
     plan.memory = chosen
 
-    # 5. CUDA graphs (opt-in): fixed shapes, so packed token-budget batches only. They pay only where the GPU waits
-    # on launches (docs/benchmarks.md "2026-12-02": fp8 +0.8%, bf16 -3.5% on an H200 whose CPU keeps up).
+    # 5. CUDA graphs (opt-in): they pay only where the GPU waits on launches (docs/benchmarks.md "2026-12-02").
     if graphs_asked:
-        off = graphs_off or (None if chosen.peak + graph_bytes <= budget else  # the config's checkpointing: no room
-                             f"their {graph_bytes / 2**30:.1f} GiB of buffers exceed the {budget / 2**30:.1f} GiB budget")
-        if off:
-            plan.notes.append(f"fast path: CUDA graphs off ({off})")
+        if not graphs_off and chosen.peak + graph_bytes > budget:  # the config's checkpointing leaves no room
+            graphs_off = f"their {graph_bytes / 2**30:.1f} GiB of buffers exceed the {budget / 2**30:.1f} GiB budget"
+        if graphs_off:
+            plan.notes.append(f"fast path: CUDA graphs off ({graphs_off})")
         else:
             plan.cuda_graphs = True
             plan.memory = replace(chosen, fixed=chosen.fixed + graph_bytes)
@@ -327,4 +328,3 @@ def plan_fast_path(
     if args.get("dataloader_num_workers"):
         choose("dataloader_persistent_workers", True, "workers survive epochs")
     return plan
-
